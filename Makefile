@@ -1,0 +1,42 @@
+# The two commands: `make run` (set up, demo data, materialise everything) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR := data
+DEMO_STAMP := $(DEMO_DIR)/.demo-ready
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+
+.PHONY: setup run test ui demo-data bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: it resolves to the local CPU build, so no range pulls CUDA wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m cv_assets.cli demo-data $(DEMO_DIR)
+	touch $(DEMO_STAMP)
+
+demo-data: $(DEMO_STAMP)
+
+run: $(DEMO_STAMP)
+	$(PY) -m cv_assets.cli run-demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+ui: $(DEMO_STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
+	$(VENV)/bin/dagster dev
+
+bench: $(STAMP)
+	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
+
+clean:
+	rm -rf data/* .dagster_home/* .pytest_cache

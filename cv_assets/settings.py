@@ -1,0 +1,193 @@
+"""Typed configuration: `config.yaml` validated by pydantic, with environment overrides.
+
+`load_settings()` is the one loader. Every field has a default, so the file may omit
+any section. Environment variables override single keys:
+
+    CV_ASSETS__EMBEDDER__MODEL=/models/clip   ->  embedder.model
+    CV_ASSETS__EVENTS__MAX_BATCH=50           ->  events.max_batch
+
+Values from the environment are parsed as YAML scalars (so `50`, `true`, `[0, 2]` work).
+`CV_ASSETS_CONFIG` selects another file. Relative paths in `storage` are resolved
+against the directory of the config file (the repo root for the default file).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIG_ENV = "CV_ASSETS_CONFIG"
+ENV_PREFIX = "CV_ASSETS__"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
+
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """The configuration file or an override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageSettings(_Section):
+    sqlite_url: str = "sqlite:///data/cv_assets.sqlite"
+    duckdb_path: Path = Path("data/warehouse.duckdb")
+    frames_dir: Path = Path("data/frames")
+    reports_dir: Path = Path("data/reports")
+    projects_root: Path = Path("data/projects")
+    thumbnails_root: Path = Path("data/thumbnails")
+
+
+class EmbedderSettings(_Section):
+    model: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1, le=1024)
+    local_files_only: bool = True
+    cache_dir: Path | None = None
+    # Explicit opt-in for air-gapped demos: when the CLIP weights cannot be loaded,
+    # use this non-CLIP embedder instead. Its vectors carry their own model_version.
+    fallback: Literal["none", "color_histogram"] = "none"
+
+
+class SamplingSettings(_Section):
+    base_offsets_sec: list[Annotated[float, Field(ge=0.0)]] = [0.0, 2.0, 4.0, 6.0]
+    include_last: bool = True
+    motion_pixel_delta: int = Field(30, ge=1, le=255)
+    motion_width: int = Field(160, ge=16, le=1920)
+    min_spacing_sec: float = Field(0.5, ge=0.0)
+    jpeg_quality: int = Field(90, ge=10, le=100)
+    max_width: int = Field(7680, ge=16)
+    max_height: int = Field(4320, ge=16)
+    max_duration_sec: float = Field(3600.0, gt=0)
+    max_file_bytes: int = Field(8 * 1024**3, gt=0)
+
+
+class CvAnalysisSettings(_Section):
+    clip_similarity_threshold: Fraction = 0.65
+    motion_delta_threshold: Fraction = 0.15
+    max_frames_per_clip: int = Field(8, ge=1, le=256)
+    quality_gate_threshold: float = Field(5.0, ge=0.0, le=10.0)
+    face_match_threshold: Fraction = 0.6
+
+
+class AppearanceSettings(_Section):
+    region_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [1.0, 0.6, 0.4]
+    region_overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    nms_iou: Fraction = 0.3
+    # Similarity thresholds by embedder family; a CLIP threshold means nothing for
+    # another model. Families not listed use cv_analysis.clip_similarity_threshold.
+    thresholds: dict[str, Fraction] = {"color_histogram": 0.8}
+    face_detector_model: Path | None = None
+    face_recognizer_model: Path | None = None
+    yolo_weights: Path | None = None
+
+
+class ContinuityWeights(_Section):
+    adherence: float = Field(0.5, ge=0.0)
+    identity: float = Field(0.3, ge=0.0)
+    boundary: float = Field(0.2, ge=0.0)
+
+
+class ContinuitySettings(_Section):
+    weights: ContinuityWeights = ContinuityWeights()
+
+
+class EventsSettings(_Section):
+    max_batch: int = Field(100, ge=1, le=100)
+    backfill_cron: str = "*/15 * * * *"
+    similar_min_similarity: Fraction = 0.7
+    similar_limit: int = Field(10, ge=1, le=1000)
+    similar_days: int = Field(30, ge=1)
+    max_attempts: int = Field(3, ge=1, le=100)
+    thumbnail_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    visitor_similarity_threshold: Fraction = 0.75
+    visitor_min_events: int = Field(3, ge=1)
+
+
+class Settings(_Section):
+    storage: StorageSettings = StorageSettings()
+    embedder: EmbedderSettings = EmbedderSettings()
+    sampling: SamplingSettings = SamplingSettings()
+    cv_analysis: CvAnalysisSettings = CvAnalysisSettings()
+    appearances: AppearanceSettings = AppearanceSettings()
+    continuity: ContinuitySettings = ContinuitySettings()
+    events: EventsSettings = EventsSettings()
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_ok(cls, value: StorageSettings) -> StorageSettings:
+        if not value.sqlite_url.startswith("sqlite"):
+            raise ValueError("storage.sqlite_url must be a sqlite:/// URL")
+        return value
+
+
+def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Load, override from the environment, validate and resolve paths."""
+    env = os.environ if env is None else env
+    config_path = Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    raw = _read_yaml(config_path) if (path or env.get(CONFIG_ENV) or config_path.exists()) else {}
+    _apply_env_overrides(raw, env)
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, config_path)) from None
+    return _resolve_paths(settings, config_path.resolve().parent)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (set {CONFIG_ENV} or create it)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        if len(keys) < 2:
+            raise ConfigError(f"{name}: expected {ENV_PREFIX}SECTION__KEY")
+        node = raw
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{name}: {key} is not a section")
+        node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+    return f"invalid configuration in {path}:\n  " + "\n  ".join(lines)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    storage = settings.storage
+    for field in ("duckdb_path", "frames_dir", "reports_dir", "projects_root", "thumbnails_root"):
+        value = getattr(storage, field)
+        if not value.is_absolute():
+            setattr(storage, field, (base / value).resolve())
+    prefix = "sqlite:///"
+    if storage.sqlite_url.startswith(prefix) and ":memory:" not in storage.sqlite_url:
+        db_path = Path(storage.sqlite_url[len(prefix):])
+        if not db_path.is_absolute():
+            storage.sqlite_url = prefix + str((base / db_path).resolve())
+    return settings

@@ -1,0 +1,122 @@
+"""The SQLite application database: engine set-up, migrations, transactions.
+
+WAL mode lets readers work while one writer writes; a busy timeout makes a second
+writer wait instead of failing; read-then-write transactions use `write()`, which
+begins IMMEDIATE so two writers can never both read stale state and then collide
+on upgrade from a read lock to a write lock ("database is locked").
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from cv_assets.store.locks import file_lock
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+BUSY_TIMEOUT_MS = 30_000
+
+_migrated: set[str] = set()
+_migrate_guard = threading.Lock()
+
+
+class AppDatabase:
+    """One SQLite application database. Cheap to construct; migrates on first use."""
+
+    def __init__(self, url: str, *, migrate: bool = True):
+        self.url = url
+        self.engine = _make_engine(url)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self.upgrade()
+
+    @property
+    def path(self) -> Path | None:
+        prefix = "sqlite:///"
+        return Path(self.url[len(prefix):]) if self.url.startswith(prefix) and ":memory:" not in self.url else None
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply Alembic migrations up to `revision`; idempotent and safe across processes."""
+        with _migrate_guard:
+            if revision == "head" and self.url in _migrated:
+                return
+            lock_target = self.path.with_suffix(self.path.suffix + ".migrate.lock") if self.path else None
+            with file_lock(lock_target):
+                with self.engine.begin() as conn:
+                    cfg = _alembic_config(self.url)
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, revision)
+            if revision == "head":
+                _migrated.add(self.url)
+
+    def current_revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads (deferred transaction, never takes the write lock by itself)."""
+        with self._sessions() as session:
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """A session in a BEGIN IMMEDIATE transaction: committed on success, rolled back on error."""
+        with self._sessions() as session:
+            session.connection(execution_options={"sqlite_immediate": True})
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _alembic_config(url: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url)
+    return cfg
+
+
+def _make_engine(url: str) -> Engine:
+    path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if path and ":memory:" not in path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's explicit BEGIN statements control transactions (pysqlite quirk).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        # write() asks for IMMEDIATE: take the write lock before the first read.
+        immediate = conn.get_execution_options().get("sqlite_immediate")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def table_counts(db: AppDatabase, tables: list[str]) -> dict[str, int]:
+    with db.engine.connect() as conn:
+        return {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one() for t in tables}

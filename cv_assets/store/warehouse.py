@@ -1,0 +1,178 @@
+"""The DuckDB warehouse: clips, sampled frames, frame embeddings, continuity history.
+
+DuckDB allows one writing process per file, and a process cannot even open the file
+read-only while another holds it read-write. So no caller ever holds a connection
+while computing: every read and write opens the file for one short transaction under
+a cross-process file lock (shared for reads, exclusive for writes) and closes it.
+If a process outside this package holds the file (a notebook, the DuckDB CLI), the
+open is retried with backoff before a clear error is raised.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import duckdb
+import pandas as pd
+
+from cv_assets.store.locks import file_lock
+
+EMBEDDING_DIM = 512
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS clips (
+    project VARCHAR NOT NULL,
+    scene_index INTEGER NOT NULL,
+    path VARCHAR,
+    size_bytes BIGINT,
+    codec VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    fps DOUBLE,
+    declared_frames BIGINT,
+    decoded_frames BIGINT,
+    duration_sec DOUBLE,
+    status VARCHAR NOT NULL,          -- ok | partial | failed
+    reason VARCHAR,
+    decode_ms DOUBLE,
+    content_hash VARCHAR,
+    probed_at TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (project, scene_index)
+);
+CREATE TABLE IF NOT EXISTS sampled_frames (
+    project VARCHAR NOT NULL,
+    scene_index INTEGER NOT NULL,
+    frame_index BIGINT NOT NULL,
+    timestamp_sec DOUBLE NOT NULL,
+    reasons VARCHAR[] NOT NULL,       -- base | last | motion
+    motion_score DOUBLE,
+    image_path VARCHAR,
+    width INTEGER,
+    height INTEGER,
+    content_hash VARCHAR,             -- sha256 of the decoded pixels
+    PRIMARY KEY (project, scene_index, frame_index)
+);
+CREATE TABLE IF NOT EXISTS frame_embeddings (
+    project VARCHAR NOT NULL,
+    scene_index INTEGER NOT NULL,
+    frame_index BIGINT NOT NULL,
+    content_hash VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    embedding FLOAT[{EMBEDDING_DIM}] NOT NULL,
+    created_at TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (project, scene_index, frame_index)
+);
+CREATE TABLE IF NOT EXISTS continuity_history (
+    project VARCHAR NOT NULL,
+    scene_index INTEGER NOT NULL,
+    run_id VARCHAR,
+    computed_at TIMESTAMP DEFAULT current_timestamp,
+    model_version VARCHAR,
+    score DOUBLE NOT NULL,
+    adherence DOUBLE,
+    identity DOUBLE,
+    boundary DOUBLE,
+    needs_review BOOLEAN,
+    details JSON
+);
+"""
+
+PARTITIONED_TABLES = ("clips", "sampled_frames", "frame_embeddings")
+LOCK_ERRORS = ("Could not set lock", "Conflicting lock", "database is locked")
+
+
+class WarehouseError(RuntimeError):
+    pass
+
+
+class Warehouse:
+    """Short, locked transactions on one DuckDB file."""
+
+    def __init__(self, path: str | Path, *, open_timeout_sec: float = 60.0):
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.open_timeout_sec = open_timeout_sec
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure_schema()
+
+    def _ensure_schema(self) -> None:
+        with self.transaction() as con:
+            con.execute(SCHEMA)
+
+    @contextmanager
+    def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        with file_lock(self.lock_path, shared=read_only):
+            con = self._open_with_retry(read_only=read_only and self.path.exists())
+            try:
+                yield con
+            finally:
+                con.close()
+
+    def _open_with_retry(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+        deadline = time.monotonic() + self.open_timeout_sec
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(str(self.path), read_only=read_only)
+            except duckdb.IOException as exc:
+                if not any(msg in str(exc) for msg in LOCK_ERRORS) or time.monotonic() > deadline:
+                    raise WarehouseError(
+                        f"could not open DuckDB warehouse {self.path}: {exc}. "
+                        "Another program holds it open; close it and retry."
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """An exclusive write transaction: committed on success, rolled back on error."""
+        with self._connect(read_only=False) as con:
+            con.begin()
+            try:
+                yield con
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
+        """Run a read query and return a DataFrame (shared lock, read-only connection)."""
+        with self._connect(read_only=True) as con:
+            return con.execute(sql, params or []).df()
+
+    def replace_partition(self, table: str, project: str, rows: pd.DataFrame) -> int:
+        """Replace every row of `project` in `table` with `rows`, in one transaction."""
+        _check_table(table)
+        with self.transaction() as con:
+            con.execute(f"DELETE FROM {table} WHERE project = ?", [project])
+            inserted = self._insert(con, table, rows)
+        return inserted
+
+    def append(self, table: str, rows: pd.DataFrame) -> int:
+        with self.transaction() as con:
+            return self._insert(con, table, rows)
+
+    @staticmethod
+    def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pd.DataFrame) -> int:
+        if rows is None or rows.empty:
+            return 0
+        con.register("_incoming", rows)
+        try:
+            columns = ", ".join(f'"{c}"' for c in rows.columns)
+            con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _incoming")
+        finally:
+            con.unregister("_incoming")
+        return len(rows)
+
+    def count(self, table: str, project: str | None = None) -> int:
+        if project is None:
+            return int(self.query(f"SELECT count(*) AS n FROM {table}")["n"].iloc[0])
+        return int(self.query(f"SELECT count(*) AS n FROM {table} WHERE project = ?", [project])["n"].iloc[0])
+
+
+def _check_table(table: str) -> None:
+    if table not in PARTITIONED_TABLES + ("continuity_history",):
+        raise WarehouseError(f"unknown warehouse table {table!r}")
