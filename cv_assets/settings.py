@@ -32,7 +32,9 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # coerce_numbers_to_str: a revision hash or model name that happens to be all
+    # digits (in YAML or an env override) is still a string, not a type error.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class StorageSettings(_Section):
@@ -42,6 +44,14 @@ class StorageSettings(_Section):
     reports_dir: Path = Path("data/reports")
     projects_root: Path = Path("data/projects")
     thumbnails_root: Path = Path("data/thumbnails")
+
+    @field_validator("sqlite_url")
+    @classmethod
+    def _sqlite_only(cls, value: str) -> str:
+        # Validated on the field so the error names storage.sqlite_url itself.
+        if not value.startswith("sqlite"):
+            raise ValueError("must be a sqlite:/// URL")
+        return value
 
 
 class EmbedderSettings(_Section):
@@ -81,6 +91,10 @@ class AppearanceSettings(_Section):
     region_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [1.0, 0.6, 0.4]
     region_overlap: float = Field(0.5, ge=0.0, lt=1.0)
     nms_iou: Fraction = 0.3
+    # Among regions scoring within this margin of the best, the tightest box wins.
+    tie_margin: Fraction = 0.03
+    # A ground-truth match needs at least this IoU (demo precision/recall).
+    eval_iou: Fraction = 0.1
     # Similarity thresholds by embedder family; a CLIP threshold means nothing for
     # another model. Families not listed use cv_analysis.clip_similarity_threshold.
     thresholds: dict[str, Fraction] = {"color_histogram": 0.8}
@@ -120,24 +134,17 @@ class Settings(_Section):
     continuity: ContinuitySettings = ContinuitySettings()
     events: EventsSettings = EventsSettings()
 
-    @field_validator("storage")
-    @classmethod
-    def _storage_ok(cls, value: StorageSettings) -> StorageSettings:
-        if not value.sqlite_url.startswith("sqlite"):
-            raise ValueError("storage.sqlite_url must be a sqlite:/// URL")
-        return value
-
 
 def load_settings(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Settings:
     """Load, override from the environment, validate and resolve paths."""
     env = os.environ if env is None else env
     config_path = Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
     raw = _read_yaml(config_path) if (path or env.get(CONFIG_ENV) or config_path.exists()) else {}
-    _apply_env_overrides(raw, env)
+    origins = _apply_env_overrides(raw, env)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, config_path)) from None
+        raise ConfigError(_describe(exc, config_path, origins)) from None
     return _resolve_paths(settings, config_path.resolve().parent)
 
 
@@ -150,10 +157,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+    # A section whose keys are all commented out reads as null: treat it as omitted.
+    return {key: ({} if value is None else value) for key, value in data.items()}
 
 
-def _apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> None:
+def _apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    """Set each CV_ASSETS__SECTION__KEY into `raw`; return {dotted key: variable name}."""
+    origins: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -165,29 +175,50 @@ def _apply_env_overrides(raw: dict[str, Any], env: dict[str, str]) -> None:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"{name}: {key} is not a section")
-        node[keys[-1]] = yaml.safe_load(value) if value != "" else None
+        node[keys[-1]] = _parse_env_value(value)
+        origins[".".join(keys)] = name
+    return origins
 
 
-def _describe(exc: ValidationError, path: Path) -> str:
+def _parse_env_value(value: str) -> Any:
+    """A YAML scalar (`50`, `true`, `[0, 2]`); text that is not valid YAML (a cron
+    line such as `*/5 * * * *`) stays the plain string."""
+    if value == "":
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def _describe(exc: ValidationError, path: Path, origins: dict[str, str] | None = None) -> str:
+    origins = origins or {}
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
+            line = f"{key}: unknown key"
         else:
-            lines.append(f"{key}: {err['msg']} (got {err.get('input')!r})")
+            line = f"{key}: {err['msg']} (got {err.get('input')!r})"
+        source = next((var for dotted, var in origins.items() if _related(key, dotted)), None)
+        lines.append(f"{line} (from environment variable {source})" if source else line)
     return f"invalid configuration in {path}:\n  " + "\n  ".join(lines)
+
+
+def _related(key: str, dotted: str) -> bool:
+    """Whether an error at `key` concerns the value set at `dotted` (same, inside or around it)."""
+    return key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
     storage = settings.storage
     for field in ("duckdb_path", "frames_dir", "reports_dir", "projects_root", "thumbnails_root"):
-        value = getattr(storage, field)
-        if not value.is_absolute():
-            setattr(storage, field, (base / value).resolve())
+        value = getattr(storage, field).expanduser()
+        setattr(storage, field, value if value.is_absolute() else (base / value).resolve())
     prefix = "sqlite:///"
     if storage.sqlite_url.startswith(prefix) and ":memory:" not in storage.sqlite_url:
-        db_path = Path(storage.sqlite_url[len(prefix):])
+        db_path = Path(storage.sqlite_url[len(prefix):]).expanduser()
+        storage.sqlite_url = prefix + str(db_path)
         if not db_path.is_absolute():
             storage.sqlite_url = prefix + str((base / db_path).resolve())
     return settings

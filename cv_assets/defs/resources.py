@@ -1,6 +1,5 @@
 """Dagster resources: thin, configurable handles on the plain store and embedding objects."""
 
-from __future__ import annotations
 
 from dagster import ConfigurableResource
 

@@ -11,14 +11,14 @@ open is retried with backoff before a clear error is raised.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import duckdb
 import pandas as pd
 
-from cv_assets.store.locks import file_lock
+from cv_assets.store.locks import file_lock, held_by_this_thread
 
 EMBEDDING_DIM = 512
 
@@ -65,6 +65,16 @@ CREATE TABLE IF NOT EXISTS frame_embeddings (
     created_at TIMESTAMP DEFAULT current_timestamp,
     PRIMARY KEY (project, scene_index, frame_index)
 );
+CREATE TABLE IF NOT EXISTS appearance_embeddings (
+    project VARCHAR NOT NULL,
+    scene_index INTEGER NOT NULL,
+    frame_index BIGINT NOT NULL,
+    asset_code VARCHAR NOT NULL,
+    model_version VARCHAR NOT NULL,
+    confidence DOUBLE NOT NULL,
+    embedding FLOAT[{EMBEDDING_DIM}] NOT NULL,  -- the matched region, for identity consistency
+    PRIMARY KEY (project, scene_index, frame_index, asset_code)
+);
 CREATE TABLE IF NOT EXISTS continuity_history (
     project VARCHAR NOT NULL,
     scene_index INTEGER NOT NULL,
@@ -80,7 +90,7 @@ CREATE TABLE IF NOT EXISTS continuity_history (
 );
 """
 
-PARTITIONED_TABLES = ("clips", "sampled_frames", "frame_embeddings")
+PARTITIONED_TABLES = ("clips", "sampled_frames", "frame_embeddings", "appearance_embeddings")
 LOCK_ERRORS = ("Could not set lock", "Conflicting lock", "database is locked")
 
 
@@ -104,6 +114,11 @@ class Warehouse:
 
     @contextmanager
     def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        if held_by_this_thread(self.lock_path):
+            raise WarehouseError(
+                f"nested access to DuckDB warehouse {self.path}: this thread is already inside "
+                "transaction() or query(); use the connection that transaction() yields"
+            )
         with file_lock(self.lock_path, shared=read_only):
             con = self._open_with_retry(read_only=read_only and self.path.exists())
             try:
@@ -118,9 +133,11 @@ class Warehouse:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
-                if not any(msg in str(exc) for msg in LOCK_ERRORS) or time.monotonic() > deadline:
+                if not any(msg in str(exc) for msg in LOCK_ERRORS):
+                    raise WarehouseError(f"could not open DuckDB warehouse {self.path}: {exc}") from None
+                if time.monotonic() > deadline:
                     raise WarehouseError(
-                        f"could not open DuckDB warehouse {self.path}: {exc}. "
+                        f"could not open DuckDB warehouse {self.path} within {self.open_timeout_sec:g} s: {exc}. "
                         "Another program holds it open; close it and retry."
                     ) from None
                 time.sleep(delay)
@@ -163,8 +180,13 @@ class Warehouse:
         try:
             columns = ", ".join(f'"{c}"' for c in rows.columns)
             con.execute(f"INSERT INTO {table} ({columns}) SELECT {columns} FROM _incoming")
+        except duckdb.Error as exc:
+            raise WarehouseError(f"could not insert {len(rows)} rows into {table}: {exc}") from exc
         finally:
-            con.unregister("_incoming")
+            # After a failed INSERT the transaction is aborted and unregister itself
+            # fails; that error must not hide the real one (the caller rolls back).
+            with suppress(duckdb.Error):
+                con.unregister("_incoming")
         return len(rows)
 
     def count(self, table: str, project: str | None = None) -> int:

@@ -1,0 +1,107 @@
+"""The `cv-assets` command.
+
+    cv-assets demo-data [DIR]          write the demo project and security events
+    cv-assets run-demo                 register, materialise everything, print a summary
+    cv-assets projects list|validate   what the project sensor would see
+    cv-assets db upgrade               apply database migrations
+    cv-assets events ...               event status, similar, search, import, backfill
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cv_assets.settings import ConfigError, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cv-assets", description="Video key frames, CLIP embeddings, appearances and security events.")
+    parser.add_argument("--config", help="config file (default: $CV_ASSETS_CONFIG or ./config.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo-data", help="write the deterministic demo project and security events")
+    demo.add_argument("dir", nargs="?", default="data", help="output directory (default: data)")
+    demo.set_defaults(handler=_demo_data)
+
+    run = sub.add_parser("run-demo", help="register projects, import events, materialise every asset, print a summary")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+    run.set_defaults(handler=_run_demo)
+
+    projects = sub.add_parser("projects", help="list or validate project manifests under storage.projects_root")
+    projects.add_argument("action", choices=["list", "validate"])
+    projects.add_argument("--json", action="store_true", help="machine-readable output")
+    projects.set_defaults(handler=_projects)
+
+    db = sub.add_parser("db", help="application database maintenance")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--revision", default="head", help="target revision (default: head)")
+    db.set_defaults(handler=_db)
+
+    from cv_assets.events_cli import add_events_parser
+
+    add_events_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _demo_data(args) -> int:
+    from cv_assets.demo import write_demo_data
+
+    started = time.perf_counter()
+    summary = write_demo_data(Path(args.dir))
+    print(summary)
+    print(f"demo data written to {Path(args.dir).resolve()} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _db(args) -> int:
+    from cv_assets.store import AppDatabase
+
+    settings = load_settings(args.config)
+    db = AppDatabase(settings.storage.sqlite_url, migrate=False)
+    if args.action == "upgrade":
+        db.upgrade(args.revision)
+    print(f"{settings.storage.sqlite_url}: revision {db.current_revision()}")
+    return 0
+
+
+def _projects(args) -> int:
+    from cv_assets.analysis.manifest import discover_manifests
+
+    settings = load_settings(args.config)
+    good, bad = discover_manifests(settings.storage.projects_root)
+    if args.json:
+        print(json.dumps({"valid": [{"key": m.key, "scenes": len(m.spec.scenes), "assets": len(m.spec.assets),
+                                     "hash": m.content_hash} for m in good], "invalid": bad}, indent=2))
+    else:
+        for m in good:
+            print(f"ok       {m.key:<20} {len(m.spec.scenes)} scenes, {len(m.spec.assets)} assets  ({m.root})")
+        for folder, reason in bad.items():
+            print(f"INVALID  {folder:<20} {reason}")
+        if not good and not bad:
+            print(f"no project folders under {settings.storage.projects_root}")
+    return 1 if (args.action == "validate" and bad) else 0
+
+
+def _run_demo(args) -> int:
+    from cv_assets.pipeline import run_everything
+
+    summary = run_everything(args.config)
+    print(json.dumps(summary, indent=2, default=str) if args.json else summary.pop("text"))
+    return 0 if summary.get("ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Projects: the manifest asset, the sensor that finds new or edited projects, and the
+job that reprocesses one project's partition end to end."""
+
+
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetSelection,
+    DefaultSensorStatus,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    asset,
+    define_asset_job,
+    in_process_executor,
+    sensor,
+)
+
+from cv_assets.analysis.manifest import ManifestError, discover_manifests, load_manifest
+from cv_assets.defs.partitions import projects_partitions
+from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
+from cv_assets.store.projects import upsert_project
+
+PROJECT_CHAIN = [
+    "project_manifest",
+    "video_clips",
+    "sampled_frames",
+    "reference_embeddings",
+    "frame_embeddings",
+    "asset_appearances",
+    "scene_continuity_scores",
+    "project_report",
+]
+# A whole project run normally takes minutes; this ends a run that hangs.
+PROJECT_RUN_MAX_RUNTIME_SEC = 2 * 60 * 60
+
+
+@asset(
+    partitions_def=projects_partitions,
+    group_name="projects",
+    kinds={"python", "sqlite"},
+)
+def project_manifest(context: AssetExecutionContext, settings: SettingsResource, app_db: AppDatabaseResource) -> MaterializeResult:
+    """The project's `project.yaml`, validated and synced into SQLite (projects, assets,
+    scene_manifests). Re-materialising picks up edits to the manifest."""
+    cfg = settings.load()
+    folder = cfg.storage.projects_root / context.partition_key
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    if manifest.key != context.partition_key:
+        raise Failure(f"{folder}/project.yaml names project {manifest.key!r}, not {context.partition_key!r}", allow_retries=False)
+    result = upsert_project(app_db.get(), manifest)
+    rows = "\n".join(
+        f"| {s.index} | {s.clip} | {', '.join(s.expected_assets) or '—'} |" for s in manifest.spec.scenes
+    )
+    return MaterializeResult(
+        metadata={
+            "project": manifest.name,
+            "manifest": MetadataValue.path(str(folder / "project.yaml")),
+            "content_hash": manifest.content_hash,
+            "assets": result.assets,
+            "scenes": result.scenes,
+            "changed": result.changed,
+            "scenes_table": MetadataValue.md("| scene | clip | expected assets |\n|---|---|---|\n" + rows),
+        }
+    )
+
+
+project_reprocess_job = define_asset_job(
+    "project_reprocess_job",
+    selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
+    partitions_def=projects_partitions,
+    # One process per run: the model loads once and frames pass in memory between steps.
+    executor_def=in_process_executor,
+    tags={"dagster/max_runtime": PROJECT_RUN_MAX_RUNTIME_SEC},
+    description="Materialise the whole chain for one project partition (manifest to report).",
+)
+
+
+@sensor(job=project_reprocess_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
+def project_sensor(context: SensorEvaluationContext, settings: SettingsResource, app_db: AppDatabaseResource):
+    """Scan `projects_root` for project manifests; validate each, sync it into SQLite, add
+    its partition and request a run keyed by the manifest's content hash (a re-tick never
+    launches a duplicate; an edit launches a new run). A bad project never blocks the others."""
+    cfg = settings.load()
+    manifests, bad = discover_manifests(cfg.storage.projects_root)
+    for folder, reason in bad.items():
+        context.log.error(f"project {folder} skipped: {reason}")
+    db = app_db.get()
+    known = set(context.instance.get_dynamic_partitions(projects_partitions.name))
+    run_requests = []
+    for manifest in manifests:
+        upsert_project(db, manifest)
+        run_requests.append(
+            RunRequest(
+                partition_key=manifest.key,
+                run_key=f"{manifest.key}:{manifest.content_hash}",
+                tags={"cv_assets/project": manifest.key, "cv_assets/manifest_hash": manifest.content_hash},
+            )
+        )
+    new_keys = [m.key for m in manifests if m.key not in known]
+    if not manifests:
+        return SkipReason(f"no valid project under {cfg.storage.projects_root} ({len(bad)} invalid)")
+    return SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[projects_partitions.build_add_request(new_keys)] if new_keys else [],
+    )
