@@ -25,7 +25,10 @@ from cv_assets.store.locks import file_lock
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 
-_migrated: set[str] = set()
+# Files already migrated to head by this process, keyed by (url, device, inode): a file
+# deleted and created again is a new database and must be migrated again. In-memory
+# databases are never cached (each engine has its own).
+_migrated: set[tuple[str, int, int]] = set()
 _migrate_guard = threading.Lock()
 
 
@@ -47,7 +50,7 @@ class AppDatabase:
     def upgrade(self, revision: str = "head") -> None:
         """Apply Alembic migrations up to `revision`; idempotent and safe across processes."""
         with _migrate_guard:
-            if revision == "head" and self.url in _migrated:
+            if revision == "head" and self._migration_key() in _migrated:
                 return
             lock_target = self.path.with_suffix(self.path.suffix + ".migrate.lock") if self.path else None
             with file_lock(lock_target):
@@ -55,8 +58,16 @@ class AppDatabase:
                     cfg = _alembic_config(self.url)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, revision)
-            if revision == "head":
-                _migrated.add(self.url)
+            key = self._migration_key()
+            if revision == "head" and key is not None:
+                _migrated.add(key)
+
+    def _migration_key(self) -> tuple[str, int, int] | None:
+        path = self.path
+        if path is None or not path.exists():
+            return None
+        stat = path.stat()
+        return (self.url, stat.st_dev, stat.st_ino)
 
     def current_revision(self) -> str | None:
         with self.engine.connect() as conn:

@@ -14,11 +14,23 @@ from typing import Iterator
 # would share it; this per-path thread lock serialises them first.
 _thread_locks: dict[str, threading.RLock] = {}
 _guard = threading.Lock()
+# Paths this thread holds: taking one again would flock a second descriptor of the
+# same process against the first and wait forever, so it is refused instead.
+_held = threading.local()
+
+
+class LockReentryError(RuntimeError):
+    """The calling thread already holds this lock (a nested use would deadlock)."""
 
 
 def _thread_lock(path: str) -> threading.RLock:
     with _guard:
         return _thread_locks.setdefault(path, threading.RLock())
+
+
+def held_by_this_thread(path: Path) -> bool:
+    """Whether the calling thread is inside `file_lock(path)`."""
+    return str(Path(path).resolve()) in _held.__dict__.get("paths", ())
 
 
 @contextmanager
@@ -28,12 +40,18 @@ def file_lock(path: Path | None, *, shared: bool = False) -> Iterator[None]:
         yield
         return
     path = Path(path)
+    key = str(path.resolve())
+    held: set[str] = _held.__dict__.setdefault("paths", set())
+    if key in held:
+        raise LockReentryError(f"{path} is already locked by this thread; nested use would deadlock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _thread_lock(str(path)):
+    with _thread_lock(key):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        held.add(key)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
         finally:
+            held.discard(key)
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import duckdb
 import pandas as pd
 
+from cv_assets.faults import pause_point
 from cv_assets.store.locks import file_lock, held_by_this_thread
 
 EMBEDDING_DIM = 512
@@ -165,6 +166,7 @@ class Warehouse:
         _check_table(table)
         with self.transaction() as con:
             con.execute(f"DELETE FROM {table} WHERE project = ?", [project])
+            pause_point(f"warehouse.replace_partition:{table}")
             inserted = self._insert(con, table, rows)
         return inserted
 

@@ -1,0 +1,329 @@
+"""The SQLite application database: migrations, pragmas, transactions, constraints."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sqlite3
+import traceback
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
+
+from cv_assets.store import database
+from cv_assets.store.database import AppDatabase, table_counts
+from cv_assets.store.models import (
+    Asset,
+    AssetAppearance,
+    Base,
+    EmbeddingFailure,
+    EntityEvent,
+    Event,
+    EventEmbedding,
+    Project,
+    RecognizedEntity,
+)
+
+HEAD = "0002"
+ALL_TABLES = {
+    "projects", "assets", "scene_manifests", "asset_appearances", "events", "event_embeddings",
+    "embedding_failures", "recognized_entities", "entity_events",
+}
+TABLES_0001 = ALL_TABLES - {"recognized_entities", "entity_events"}
+
+
+def url_for(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def schema_dump(path: Path) -> list[tuple]:
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+    finally:
+        con.close()
+
+
+def table_names(path: Path) -> set[str]:
+    return {name for kind, name, _, _ in schema_dump(path) if kind == "table"} - {"alembic_version"}
+
+
+def column_names(path: Path, table: str) -> list[str]:
+    con = sqlite3.connect(path)
+    try:
+        return [row[1] for row in con.execute(f"PRAGMA table_info({table})")]
+    finally:
+        con.close()
+
+
+def add_project_with_asset(db: AppDatabase, key: str = "demo") -> tuple[int, int]:
+    with db.write() as session:
+        project = Project(key=key, name="Demo", root_path="/p")
+        project.assets.append(Asset(code="CHAR_01", kind="character", name="Runner", reference_image_path="r.png"))
+        session.add(project)
+        session.flush()
+        return project.id, project.assets[0].id
+
+
+def add_event(session, event_id: str, *, embedded: bool = True) -> None:
+    session.add(Event(id=event_id, camera_id="front_door", started_at=datetime(2026, 11, 1, 8, 15)))
+    if embedded:
+        session.add(EventEmbedding(event_id=event_id, embedding=json.dumps([0.0] * 512), model_version="m1"))
+
+
+# --- migrations ---------------------------------------------------------------------
+
+
+def test_fresh_database_reaches_head_with_every_table(tmp_path):
+    path = tmp_path / "app.sqlite"
+    db = AppDatabase(url_for(path))
+    assert db.current_revision() == HEAD
+    assert table_names(path) == ALL_TABLES
+    assert "face_embedding" in column_names(path, "assets")
+    assert table_counts(db, sorted(ALL_TABLES)) == {t: 0 for t in sorted(ALL_TABLES)}
+    indexes = {name for kind, name, _, _ in schema_dump(path) if kind == "index"}
+    assert {"ix_event_embeddings_model_version", "ix_recognized_entities_model_version",
+            "ix_events_started_at", "ix_asset_appearances_asset_id"} <= indexes
+
+
+def test_orm_models_match_the_head_schema(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    with db.engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+    assert diffs == []
+
+
+def test_upgrade_from_revision_0001_keeps_rows_and_adds_the_new_schema(tmp_path):
+    path = tmp_path / "app.sqlite"
+    old = AppDatabase(url_for(path), migrate=False)
+    old.upgrade("0001")
+    assert old.current_revision() == "0001"
+    assert table_names(path) == TABLES_0001
+    assert "face_embedding" not in column_names(path, "assets")
+    with old.engine.begin() as conn:
+        conn.execute(text("INSERT INTO projects (id, key, name, root_path, updated_at) "
+                          "VALUES (1, 'demo', 'Demo', '/p', '2026-01-01 00:00:00')"))
+        conn.execute(text("INSERT INTO assets (id, project_id, code, kind, name, reference_image_path, "
+                          "clip_embedding, embedding_model_version) "
+                          "VALUES (7, 1, 'CHAR_01', 'character', 'Runner', 'r.png', x'00010203', 'clip-v1')"))
+        conn.execute(text("INSERT INTO scene_manifests (project_id, scene_index, clip_path, expected_asset_codes, "
+                          "continuity_score) VALUES (1, 0, 'clips/s0.mp4', '[\"CHAR_01\"]', 7.5)"))
+        conn.execute(text("INSERT INTO asset_appearances (asset_id, project_id, scene_index, frame_index, "
+                          "timestamp_sec, bbox, confidence, source, created_at) "
+                          "VALUES (7, 1, 0, 12, 0.5, '[1,2,3,4]', 0.9, 'clip_match', '2026-01-01 00:00:00')"))
+        conn.execute(text("INSERT INTO events (id, camera_id, started_at, created_at) "
+                          "VALUES ('evt-1', 'cam', '2026-11-01 08:15:00', '2026-11-01 08:15:01')"))
+        conn.execute(text("INSERT INTO event_embeddings (event_id, embedding, model_version, created_at) "
+                          "VALUES ('evt-1', '[0.5, 0.5]', 'clip-v1', '2026-11-01 08:16:00')"))
+        conn.execute(text("INSERT INTO embedding_failures (item_kind, item_id, model_version, reason, attempts, "
+                          "first_failed_at, last_failed_at) VALUES ('event', 'evt-2', 'clip-v1', 'bad base64', 2, "
+                          "'2026-11-01 08:15:00', '2026-11-01 08:20:00')"))
+    old.dispose()
+
+    db = AppDatabase(url_for(path))  # migrates to head on construction
+    assert db.current_revision() == HEAD
+    assert table_names(path) == ALL_TABLES
+    assert "face_embedding" in column_names(path, "assets")
+    assert table_counts(db, sorted(TABLES_0001)) == {
+        "asset_appearances": 1, "assets": 1, "embedding_failures": 1, "event_embeddings": 1,
+        "events": 1, "projects": 1, "scene_manifests": 1,
+    }
+    assert table_counts(db, ["recognized_entities", "entity_events"]) == {"recognized_entities": 0, "entity_events": 0}
+    with db.read() as session:
+        asset = session.get(Asset, 7)
+        assert (asset.code, asset.clip_embedding, asset.embedding_model_version) == ("CHAR_01", b"\x00\x01\x02\x03", "clip-v1")
+        assert asset.face_embedding is None
+        appearance = session.scalars(select(AssetAppearance)).one()
+        assert (appearance.asset_id, appearance.frame_index, appearance.source, appearance.confidence) == (7, 12, "clip_match", 0.9)
+        assert session.scalars(select(EventEmbedding.embedding)).one() == "[0.5, 0.5]"
+        failure = session.scalars(select(EmbeddingFailure)).one()
+        assert (failure.item_id, failure.reason, failure.attempts) == ("evt-2", "bad base64", 2)
+    # The new tables work with the old rows.
+    with db.write() as session:
+        entity = RecognizedEntity(model_version="clip-v1", centroid="[0.5, 0.5]", event_count=1)
+        session.add(entity)
+        session.flush()
+        session.add(EntityEvent(entity_id=entity.id, event_id="evt-1", similarity=0.99))
+    assert table_counts(db, ["entity_events"]) == {"entity_events": 1}
+
+
+def test_running_the_upgrade_twice_changes_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "app.sqlite"
+    db = AppDatabase(url_for(path))
+    with db.write() as session:
+        add_event(session, "evt-1")
+    schema_before = schema_dump(path)
+    counts_before = table_counts(db, sorted(ALL_TABLES))
+
+    calls = []
+    real_upgrade = database.command.upgrade
+    monkeypatch.setattr(database.command, "upgrade", lambda cfg, rev: (calls.append(rev), real_upgrade(cfg, rev)))
+    database._migrated.clear()  # forget this process's cache so alembic really runs again
+    AppDatabase(url_for(path))
+    db.upgrade()
+    assert calls == ["head"]  # the second AppDatabase ran alembic, then the cache skipped it
+    assert schema_dump(path) == schema_before
+    assert table_counts(db, sorted(ALL_TABLES)) == counts_before
+    assert db.current_revision() == HEAD
+
+
+def test_a_database_file_created_again_is_migrated_again(tmp_path):
+    path = tmp_path / "app.sqlite"
+    AppDatabase(url_for(path)).dispose()
+    for leftover in tmp_path.glob("app.sqlite*"):
+        leftover.unlink()
+    db = AppDatabase(url_for(path))
+    assert db.current_revision() == HEAD
+    assert table_names(path) == ALL_TABLES
+
+
+def test_each_in_memory_database_gets_the_schema():
+    first = AppDatabase("sqlite:///:memory:")
+    second = AppDatabase("sqlite:///:memory:")
+    for db in (first, second):
+        assert db.current_revision() == HEAD
+        assert table_counts(db, ["events"]) == {"events": 0}
+
+
+def _migrate_in_child(url: str, barrier, errors) -> None:
+    try:
+        barrier.wait(timeout=30)
+        db = AppDatabase(url)
+        with db.write() as session:
+            session.add(Project(key=f"p{multiprocessing.current_process().pid}", name="x", root_path="/"))
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+
+
+def test_two_processes_migrating_a_new_file_at_once_both_succeed(tmp_path):
+    path = tmp_path / "race.sqlite"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, errors = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_migrate_in_child, args=(url_for(path), barrier, errors)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    alive = [p for p in procs if p.is_alive()]
+    for proc in alive:
+        proc.kill()
+    assert not alive, "a migrating process hung"
+    reported = [errors.get(timeout=1) for _ in range(errors.qsize())] if not errors.empty() else []
+    assert [p.exitcode for p in procs] == [0, 0], reported
+    db = AppDatabase(url_for(path))
+    assert db.current_revision() == HEAD
+    assert table_names(path) == ALL_TABLES
+    assert table_counts(db, ["projects"]) == {"projects": 2}
+
+
+# --- connection settings and transactions -------------------------------------------
+
+
+def test_wal_busy_timeout_and_foreign_keys_are_on(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == database.BUSY_TIMEOUT_MS
+
+
+def test_deleting_an_event_cascades_to_its_embedding_and_visitor_link(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    with db.write() as session:
+        add_event(session, "evt-1")
+        add_event(session, "evt-2")
+        entity = RecognizedEntity(model_version="m1", centroid="[]", event_count=2)
+        session.add(entity)
+        session.flush()
+        session.add_all([EntityEvent(entity_id=entity.id, event_id=e, similarity=0.9) for e in ("evt-1", "evt-2")])
+    with db.engine.begin() as conn:  # plain SQL: the database enforces it, not the ORM
+        conn.execute(text("DELETE FROM events WHERE id = 'evt-1'"))
+    with db.read() as session:
+        assert session.scalars(select(EventEmbedding.event_id)).all() == ["evt-2"]
+        assert session.scalars(select(EntityEvent.event_id)).all() == ["evt-2"]
+
+
+def test_embedding_for_a_missing_event_is_rejected(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+        with db.write() as session:
+            session.add(EventEmbedding(event_id="ghost", embedding="[]", model_version="m1"))
+    assert table_counts(db, ["event_embeddings"]) == {"event_embeddings": 0}
+
+
+def test_write_begins_immediate(tmp_path):
+    path = tmp_path / "app.sqlite"
+    db = AppDatabase(url_for(path))
+    other = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+    try:
+        with db.write():
+            # No statement has run yet: only BEGIN IMMEDIATE can already hold the write lock.
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+        other.execute("BEGIN IMMEDIATE")  # released on commit
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def test_read_does_not_take_the_write_lock(tmp_path):
+    path = tmp_path / "app.sqlite"
+    db = AppDatabase(url_for(path))
+    other = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+    try:
+        with db.read() as session:
+            assert session.execute(text("SELECT count(*) FROM events")).scalar_one() == 0
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("INSERT INTO events (id, camera_id, started_at, created_at) "
+                          "VALUES ('e', 'c', '2026-01-01', '2026-01-01')")
+            other.execute("COMMIT")
+    finally:
+        other.close()
+    assert table_counts(db, ["events"]) == {"events": 1}
+
+
+def test_write_commits_on_success_and_rolls_back_on_error(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    with db.write() as session:
+        add_event(session, "kept", embedded=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with db.write() as session:
+            add_event(session, "lost", embedded=False)
+            session.flush()
+            raise RuntimeError("boom")
+    with db.read() as session:
+        assert session.scalars(select(Event.id)).all() == ["kept"]
+
+
+def test_appearance_source_check_rejects_other(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    project_id, asset_id = add_project_with_asset(db)
+
+    def appearance(source: str) -> AssetAppearance:
+        return AssetAppearance(asset_id=asset_id, project_id=project_id, scene_index=0, frame_index=0,
+                               timestamp_sec=0.0, bbox="[0,0,1,1]", confidence=0.8, source=source)
+
+    with db.write() as session:
+        session.add_all([appearance(s) for s in ("yolo", "face_match", "clip_match")])
+    with pytest.raises(IntegrityError, match="ck_appearance_source|CHECK"):
+        with db.write() as session:
+            session.add(appearance("other"))
+    with db.read() as session:
+        assert sorted(session.scalars(select(AssetAppearance.source))) == ["clip_match", "face_match", "yolo"]
+
+
+def test_embedding_failure_is_unique_per_item_and_model(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    with db.write() as session:
+        session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m1", reason="bad"))
+        session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m2", reason="bad"))
+    with pytest.raises(IntegrityError, match="UNIQUE"):
+        with db.write() as session:
+            session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m1", reason="again"))
+    assert table_counts(db, ["embedding_failures"]) == {"embedding_failures": 2}
