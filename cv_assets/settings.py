@@ -88,9 +88,10 @@ class CvAnalysisSettings(_Section):
 
 
 class AppearanceSettings(_Section):
-    region_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [1.0, 0.6, 0.4]
+    region_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [1.0, 0.6, 0.4, 0.25]
     region_overlap: float = Field(0.5, ge=0.0, lt=1.0)
-    nms_iou: Fraction = 0.3
+    # Overlapping matching regions are merged: the box is where their votes reach this share of the peak.
+    vote_fraction: Fraction = 0.7
     # Among regions scoring within this margin of the best, the tightest box wins.
     tie_margin: Fraction = 0.03
     # A ground-truth match needs at least this IoU (demo precision/recall).

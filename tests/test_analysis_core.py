@@ -7,12 +7,11 @@ from cv_assets.analysis.appearances import (
     Appearance,
     FrameInput,
     ReferenceAsset,
-    best_region,
     candidate_regions,
     evaluate_against_truth,
     iou,
+    locate,
     match_frames,
-    non_max_suppression,
 )
 from cv_assets.analysis.continuity import SceneInput, score_scenes
 
@@ -56,23 +55,28 @@ def test_candidate_regions_cover_the_frame_edges():
     assert xs[0] == 0 and xs[-1] == 640 - side and all(b - a <= side for a, b in zip(xs, xs[1:]))
 
 
-def test_iou_and_nms_merge_overlapping_boxes_of_one_asset():
+def test_iou():
     assert iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
-    boxes = [(0, 0, 100, 100), (10, 10, 110, 110), (300, 300, 400, 400)]
-    clusters = non_max_suppression(boxes, [0.9, 0.8, 0.7], 0.3)
-    assert clusters == [[0, 1], [2]]
 
 
-def test_best_region_prefers_the_tightest_box_within_the_margin():
-    boxes = [(0, 0, 640, 360), (100, 100, 244, 244), (90, 90, 306, 306), (500, 0, 640, 140)]
-    scores = np.array([0.90, 0.89, 0.80, 0.95])
-    # region 3 scores best but is its own cluster; inside the winning cluster the tie rule applies
-    assert best_region(boxes, scores, 0.7, 0.3, 0.03) == 3
-    scores = np.array([0.90, 0.89, 0.80, 0.10])
-    assert best_region(boxes, scores, 0.7, 0.0, 0.03) == 1  # whole frame and tight crop tie: tight wins
-    assert best_region(boxes, scores, 0.95, 0.3, 0.03) is None
+def test_locate_merges_overlapping_regions_into_the_area_they_agree_on():
+    # Four crops all contain the object at (100..150, 100..150); their votes meet there.
+    boxes = [(0, 0, 640, 360), (50, 50, 200, 200), (100, 100, 250, 250), (0, 90, 160, 250), (90, 0, 250, 160), (400, 0, 640, 240)]
+    scores = np.array([0.80, 0.90, 0.90, 0.90, 0.90, 0.20])
+    box, representative = locate(boxes, scores, threshold=0.7, vote_fraction=0.9, tie_margin=0.03)
+    assert box == (100, 100, 160, 160)  # only where all four agree
+    looser, _ = locate(boxes, scores, threshold=0.7, vote_fraction=0.7, tie_margin=0.03)
+    assert looser == (90, 90, 200, 200)  # where at least three agree
+    assert representative in (1, 2)  # tightest of the best-scoring regions
+    assert locate(boxes, scores, threshold=0.95, vote_fraction=0.7, tie_margin=0.03) is None
+
+
+def test_locate_ignores_matching_regions_that_do_not_touch_the_best_one():
+    boxes = [(0, 0, 100, 100), (500, 200, 600, 300)]
+    box, representative = locate(boxes, np.array([0.9, 0.85]), 0.7, 0.7, 0.03)
+    assert box == (0, 0, 100, 100) and representative == 0
 
 
 def test_match_frames_finds_present_assets_with_boxes_and_skips_absent_ones():
@@ -82,7 +86,7 @@ def test_match_frames_finds_present_assets_with_boxes_and_skips_absent_ones():
         FrameInput(0, 48, 2.0, frame_with([(red_box, RED)])),
     ]
     refs = [ReferenceAsset(1, "CHAR_01", unit(0)), ReferenceAsset(2, "CHAR_02", unit(1)), ReferenceAsset(3, "PROP_01", unit(2))]
-    found = match_frames(frames, refs, colour_embed, threshold=0.5, scales=[1.0, 0.6, 0.4], overlap=0.5, nms_iou=0.3, tie_margin=0.03)
+    found = match_frames(frames, refs, colour_embed, threshold=0.5, scales=[1.0, 0.6, 0.4], overlap=0.5, vote_fraction=0.7, tie_margin=0.03)
     got = {(a.frame_index, a.asset_code): a for a in found}
     assert set(got) == {(0, "CHAR_01"), (0, "CHAR_02"), (48, "CHAR_01")}  # no green anywhere, no blue in frame 48
     for (frame, code), app in got.items():
@@ -96,7 +100,7 @@ def test_match_frames_finds_present_assets_with_boxes_and_skips_absent_ones():
 def test_one_appearance_per_asset_and_frame_even_with_many_overlapping_hits():
     frames = [FrameInput(0, 0, 0.0, frame_with([((100, 50, 300, 300), RED)]))]
     found = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_embed, threshold=0.3,
-                         scales=[1.0, 0.6, 0.4], overlap=0.75, nms_iou=0.3, tie_margin=0.03)
+                         scales=[1.0, 0.6, 0.4], overlap=0.75, vote_fraction=0.7, tie_margin=0.03)
     assert len(found) == 1
 
 

@@ -1,12 +1,11 @@
 """Where does each reference asset appear? Region matching by embedding (`clip_match`).
 
 For every sampled frame, the whole frame and a grid of multi-scale overlapping square
-crops are embedded in one batch; each crop is compared (cosine) with every reference
-asset's vector. Regions of one asset at or above the threshold are merged by
-non-maximum suppression; the best surviving region becomes the appearance, with the
-tightest box among regions scoring within `tie_margin` of it (a whole frame that
-contains the asset scores about as high as a tight crop, and the tight crop is the
-more useful answer).
+crops are embedded in batches; each crop is compared (cosine) with every reference
+asset's vector. The overlapping regions of one asset at or above the threshold are
+merged into one box by letting each vote on its pixels (see `locate`): a whole frame
+that contains the asset scores about as high as a tight crop, and the votes of the
+small crops pin down where it is. At most one appearance per asset and frame.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, exclusive end
@@ -83,35 +83,33 @@ def area(box: Box) -> int:
     return (box[2] - box[0]) * (box[3] - box[1])
 
 
-def non_max_suppression(boxes: Sequence[Box], scores: Sequence[float], iou_threshold: float) -> list[list[int]]:
-    """Greedy NMS that returns the clusters: each list starts with the kept index,
-    followed by the indices it suppressed (overlap above `iou_threshold`)."""
-    order = list(np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"))
-    clusters: list[list[int]] = []
-    taken = set()
-    for i in order:
-        if i in taken:
-            continue
-        cluster = [int(i)]
-        taken.add(i)
-        for j in order:
-            if j not in taken and iou(boxes[i], boxes[j]) > iou_threshold:
-                cluster.append(int(j))
-                taken.add(j)
-        clusters.append(cluster)
-    return clusters
+def locate(boxes: Sequence[Box], scores: np.ndarray, threshold: float, vote_fraction: float, tie_margin: float) -> tuple[Box, int] | None:
+    """Merge the overlapping regions that match one asset into one box; None below threshold.
 
-
-def best_region(boxes: Sequence[Box], scores: np.ndarray, threshold: float, nms_iou: float, tie_margin: float) -> int | None:
-    """Index of the region that becomes the appearance, or None when nothing reaches the threshold."""
+    Every region at or above the threshold that overlaps the best-scoring one votes
+    `(score - threshold) / area` on its pixels, so small confident crops count more than
+    the whole frame. The box is the connected area around the peak where the votes reach
+    `vote_fraction` of it. Also returns the representative region (the tightest within
+    `tie_margin` of the best score) whose vector stands for this appearance.
+    """
     above = np.flatnonzero(scores >= threshold)
     if above.size == 0:
         return None
-    clusters = non_max_suppression([boxes[i] for i in above], scores[above], nms_iou)
-    top = [int(above[k]) for k in clusters[0]]  # the cluster of the best-scoring region
-    best = scores[top[0]]
-    close = [i for i in top if scores[i] >= best - tie_margin]
-    return min(close, key=lambda i: (area(boxes[i]), -scores[i]))
+    best = int(above[np.argmax(scores[above])])
+    voters = [int(i) for i in above if iou(boxes[i], boxes[best]) > 0]
+    width, height = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    votes = np.zeros((height, width), np.float32)
+    for i in voters:
+        x1, y1, x2, y2 = boxes[i]
+        votes[y1:y2, x1:x2] += (scores[i] - threshold + 1e-6) / area(boxes[i])
+    peak_y, peak_x = np.unravel_index(int(np.argmax(votes)), votes.shape)
+    mask = (votes >= vote_fraction * votes[peak_y, peak_x]).astype(np.uint8)
+    _, labels = cv2.connectedComponents(mask)
+    ys, xs = np.nonzero(labels == labels[peak_y, peak_x])
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    close = [i for i in voters if scores[i] >= scores[best] - tie_margin]
+    representative = min(close, key=lambda i: (area(boxes[i]), -scores[i]))
+    return box, representative
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
@@ -127,7 +125,7 @@ def match_frames(
     threshold: float,
     scales: Sequence[float],
     overlap: float,
-    nms_iou: float,
+    vote_fraction: float,
     tie_margin: float,
     frames_per_batch: int = 4,
 ) -> list[Appearance]:
@@ -151,9 +149,10 @@ def match_frames(
             offset += len(boxes)
             similarity = frame_vectors @ ref_matrix.T  # (regions, assets)
             for k, ref in enumerate(references):
-                index = best_region(boxes, similarity[:, k], threshold, nms_iou, tie_margin)
-                if index is None:
+                located = locate(boxes, similarity[:, k], threshold, vote_fraction, tie_margin)
+                if located is None:
                     continue
+                box, index = located
                 found.append(
                     Appearance(
                         asset_id=ref.asset_id,
@@ -161,8 +160,8 @@ def match_frames(
                         scene_index=frame.scene_index,
                         frame_index=frame.frame_index,
                         timestamp_sec=frame.timestamp_sec,
-                        bbox=tuple(int(v) for v in boxes[index]),
-                        confidence=float(similarity[index, k]),
+                        bbox=box,
+                        confidence=float(similarity[:, k].max()),
                         embedding=frame_vectors[index],
                     )
                 )

@@ -100,7 +100,7 @@ def asset_appearances(
         threshold=threshold,
         scales=cfg.appearances.region_scales,
         overlap=cfg.appearances.region_overlap,
-        nms_iou=cfg.appearances.nms_iou,
+        vote_fraction=cfg.appearances.vote_fraction,
         tie_margin=cfg.appearances.tie_margin,
     )
     match_sec = time.perf_counter() - started
