@@ -19,7 +19,7 @@ from dagster import (
 )
 from sqlalchemy import select
 
-from cv_assets.analysis.appearances import FrameInput, ReferenceAsset, evaluate_against_truth, match_frames
+from cv_assets.analysis.appearances import FrameInput, ReferenceAsset, candidate_regions, evaluate_against_truth, match_frames
 from cv_assets.analysis.continuity import SceneInput, score_scenes
 from cv_assets.analysis.detectors import run_face_match, run_yolo
 from cv_assets.analysis.ground_truth import load_ground_truth
@@ -104,6 +104,10 @@ def asset_appearances(
         tie_margin=cfg.appearances.tie_margin,
     )
     match_sec = time.perf_counter() - started
+    regions = sum(
+        len(candidate_regions(f.image.shape[1], f.image.shape[0], cfg.appearances.region_scales, cfg.appearances.region_overlap))
+        for f in frames
+    )
     plugins = _run_plugins(cfg, project, frames, references, model)
     for plugin in plugins:
         found.extend(plugin.appearances)
@@ -118,6 +122,8 @@ def asset_appearances(
         "embedder": f"{model.family} ({model.model_version})",
         "threshold": threshold,
         "match_seconds": round(match_sec, 2),
+        "regions_embedded": regions,
+        "regions_per_sec": round(regions / match_sec, 1) if match_sec > 0 else 0.0,
         "by_asset": MetadataValue.md(_md_table(
             ["asset", "frames", "scenes", "best confidence"],
             [[c, sum(a.asset_code == c for a in found), sorted({a.scene_index for a in found if a.asset_code == c}) or "—",

@@ -1,0 +1,18 @@
+"""Shared benchmark helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_vit_b32(path: Path, seed: int = 0) -> Path:
+    """Save the full CLIP ViT-B/32 architecture with random weights (the real model's
+    FLOPs; its weights cannot be downloaded here) as a local checkpoint directory."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    CLIPModel(CLIPConfig(projection_dim=512)).save_pretrained(path, safe_serialization=True)
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
+    return Path(path)

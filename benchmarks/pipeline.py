@@ -1,0 +1,190 @@
+"""The demo project (4 scenes) materialised through Dagster vs the sum of its floors.
+
+Floors, measured in the same run on the same machine:
+  decode   decode-only of the project's clips with PyAV (frame threading on);
+  forward  the embedder's forward passes alone, on ready tensors, for as many images
+           as the pipeline embedded (reference images, sampled frames, region crops).
+It also runs the same job under the multiprocess executor, to show why
+project_reprocess_job uses the in-process one (the model loads once per run).
+
+The embedder is the full ViT-B/32 architecture with random weights: the same FLOPs as
+the real model, whose weights cannot be downloaded here.
+
+    python benchmarks/pipeline.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import av  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from dagster import (  # noqa: E402
+    AssetKey,
+    AssetSelection,
+    DagsterInstance,
+    Definitions,
+    define_asset_job,
+    execute_job,
+    multiprocess_executor,
+    reconstructable,
+)
+
+from benchmarks.common import build_vit_b32  # noqa: E402
+
+QUICK_SCALES = [1.0, 0.5]
+
+
+def write_config(store: Path, demo: Path, model_dir: Path, scales: list[float] | None) -> Path:
+    store.mkdir(parents=True)
+    config = {
+        "storage": {"sqlite_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
+                    "reports_dir": "reports", "projects_root": str(demo / "projects"),
+                    "thumbnails_root": str(demo / "thumbnails")},
+        "embedder": {"model": str(model_dir), "fallback": "none", "device": "cpu"},
+    }
+    if scales:
+        config["appearances"] = {"region_scales": scales}
+    path = store / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def multiprocess_job():
+    """Module-level so the multiprocess executor can rebuild it in each step process
+    (the config comes through CV_ASSETS_CONFIG)."""
+    from cv_assets.defs.partitions import projects_partitions
+    from cv_assets.defs.projects import PROJECT_CHAIN
+    from cv_assets.definitions import build_definitions
+    from cv_assets.settings import load_settings
+
+    base = build_definitions(load_settings())
+    job = define_asset_job(
+        "project_reprocess_multiprocess_job",
+        selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
+        partitions_def=projects_partitions,
+        executor_def=multiprocess_executor.configured({"max_concurrent": 2}),
+    )
+    defs = Definitions(assets=base.assets, asset_checks=base.asset_checks, jobs=[job], resources=base.resources)
+    return defs.resolve_job_def("project_reprocess_multiprocess_job")
+
+
+def run_in_process(config: Path) -> tuple[float, int]:
+    from cv_assets.definitions import build_definitions
+    from cv_assets.settings import load_settings
+
+    defs = build_definitions(load_settings(config), str(config))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("projects", ["demo"])
+    started = time.perf_counter()
+    result = defs.resolve_job_def("project_reprocess_job").execute_in_process(partition_key="demo", instance=instance)
+    elapsed = time.perf_counter() - started
+    if not result.success:
+        raise SystemExit("in-process pipeline run failed")
+    return elapsed, images_embedded(result.get_asset_materialization_events())
+
+
+def run_multiprocess(config: Path) -> float:
+    os.environ["CV_ASSETS_CONFIG"] = str(config)
+    home = config.parent / "dagster_home"
+    home.mkdir()
+    with DagsterInstance.local_temp(str(home)) as instance:
+        instance.add_dynamic_partitions("projects", ["demo"])
+        started = time.perf_counter()
+        with execute_job(reconstructable(multiprocess_job), instance=instance, tags={"dagster/partition": "demo"}) as result:
+            elapsed = time.perf_counter() - started
+            if not result.success:
+                raise SystemExit("multiprocess pipeline run failed")
+    return elapsed
+
+
+def images_embedded(events) -> int:
+    """Images that went through the model: reference images, frames and region crops."""
+    total = 0
+    for event in events:
+        mat = event.event_specific_data.materialization
+        name, md = mat.asset_key.path[-1], mat.metadata
+        if name in ("reference_embeddings", "frame_embeddings"):
+            total += int(md["embedded"].value)
+        if name == "asset_appearances":
+            total += int(md["regions_embedded"].value)
+    return total
+
+
+def decode_floor(clips: list[Path]) -> float:
+    started = time.perf_counter()
+    for clip in clips:
+        with av.open(str(clip)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for _ in container.decode(stream):
+                pass
+    return time.perf_counter() - started
+
+
+def forward_floor(model_dir: Path, n_images: int, batch: int) -> float:
+    from cv_assets.embedding import get_embedder
+    from cv_assets.settings import EmbedderSettings
+
+    embedder = get_embedder(EmbedderSettings(model=str(model_dir), device="cpu", batch_size=batch))
+    pixels = torch.randn(batch, 3, 224, 224)
+    embedder.forward(pixels[:2])  # load and warm up outside the timing
+    started = time.perf_counter()
+    for start in range(0, n_images, batch):
+        embedder.forward(pixels[: min(batch, n_images - start)])
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="coarser crop grid, one repeat")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 3, quick 1)")
+    parser.add_argument("--skip-multiprocess", action="store_true", help="only the in-process executor")
+    args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    scales = QUICK_SCALES if args.quick else None
+
+    from cv_assets.demo import write_demo_data
+    from cv_assets.settings import load_settings
+
+    with tempfile.TemporaryDirectory(prefix="cv_assets_bench_") as tmp:
+        root = Path(tmp)
+        write_demo_data(root / "demo")
+        model_dir = build_vit_b32(root / "vit-b32")
+        clips = sorted((root / "demo" / "projects" / "demo" / "clips").glob("*.mp4"))
+        batch = load_settings(write_config(root / "probe", root / "demo", model_dir, scales)).embedder.batch_size
+
+        pipeline, decode, forward, images = [], [], [], 0
+        for i in range(repeats):
+            seconds, images = run_in_process(write_config(root / f"inproc{i}", root / "demo", model_dir, scales))
+            pipeline.append(seconds)
+            decode.append(decode_floor(clips))
+            forward.append(forward_floor(model_dir, images, batch))
+            print(f"run {i + 1}/{repeats}: pipeline {seconds:.1f}s  decode {decode[-1]:.2f}s  forward {forward[-1]:.1f}s  ({images} images)")
+
+        p, d, f = statistics.median(pipeline), statistics.median(decode), statistics.median(forward)
+        print(f"\ndemo project: {len(clips)} scenes, {images} images embedded (crop scales {scales or 'from config'})")
+        print(f"  pipeline (Dagster, in-process executor) {p:8.1f} s")
+        print(f"  floor: decode {d:.2f} s + forward {f:.1f} s = {d + f:8.1f} s")
+        ratio = p / (d + f)
+
+        mp = None
+        if not args.skip_multiprocess:
+            mp = run_multiprocess(write_config(root / "multiproc", root / "demo", model_dir, scales))
+            print(f"  pipeline (multiprocess executor)        {mp:8.1f} s  ({mp / p:.2f}x the in-process run)")
+        print(f"RATIO pipeline_vs_floor {ratio:.2f} target <= 1.3")
+        if mp is not None:
+            print(f"RATIO multiprocess_vs_in_process {mp / p:.2f} target >= 1.0")
+
+
+if __name__ == "__main__":
+    main()
