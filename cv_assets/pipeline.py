@@ -16,6 +16,10 @@ from cv_assets.store import AppDatabase
 from cv_assets.store.projects import upsert_project
 
 
+# Step-by-step DEBUG logs stay in the run's log (visible in `make ui`); the terminal gets the summary.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def _instance() -> DagsterInstance:
     try:
         return DagsterInstance.get()  # DAGSTER_HOME (the Makefile sets it): runs show in `make ui`
@@ -44,7 +48,7 @@ def run_everything(config_path: str | None = None) -> dict:
     job = defs.resolve_job_def("project_reprocess_job")
     for key in keys:
         started = time.perf_counter()
-        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False)
+        result = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=QUIET)
         summary["projects"][key] = {"success": result.success, "seconds": round(time.perf_counter() - started, 1)}
         summary["ok"] &= result.success
         lines.append(_project_line(db, settings, key, result.success, time.perf_counter() - started))
@@ -56,13 +60,13 @@ def run_everything(config_path: str | None = None) -> dict:
     backfill = defs.resolve_job_def("event_embedding_backfill_job")
     runs = 0
     while True:
-        result = backfill.execute_in_process(instance=instance, raise_on_error=False)
+        result = backfill.execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
         runs += 1
         summary["ok"] &= result.success
         remaining = _metadata_value(result, "event_embeddings", "remaining")
         if not result.success or not remaining or runs >= 1000:
             break
-    visitors = defs.resolve_job_def("recurring_visitors_job").execute_in_process(instance=instance, raise_on_error=False)
+    visitors = defs.resolve_job_def("recurring_visitors_job").execute_in_process(instance=instance, raise_on_error=False, run_config=QUIET)
     summary["ok"] &= visitors.success
     summary["events"] = _events_summary(db)
     lines.append(f"event backfill: {runs} run(s); {json.dumps(summary['events'])}")
