@@ -136,15 +136,25 @@ def asset_appearances(
         metadata["assets_without_reference_embedding"] = ", ".join(unembedded)
     if missing_frames:
         metadata["frames_missing"] = "; ".join(missing_frames)
-    truth = load_ground_truth(project.root_path)
-    if truth is not None:
-        scores = evaluate_against_truth(found, truth, [(f.scene_index, f.frame_index) for f in frames], codes, cfg.appearances.eval_iou)
+    quality = _quality_vs_ground_truth(project, found, frames, cfg.appearances.eval_iou)
+    if quality is not None:
         metadata["quality_vs_ground_truth"] = MetadataValue.md(_md_table(
             ["asset", "precision", "recall", "TP", "predicted", "actual"],
-            [[s.code, _fmt(s.precision), _fmt(s.recall), s.true_positives, s.predicted, s.actual] for s in scores.values()],
+            [[c, _fmt(q["precision"]), _fmt(q["recall"]), q["true_positives"], q["predicted"], q["actual"]] for c, q in quality.items()],
         ))
-        metadata["quality"] = MetadataValue.json({c: vars(s) | {"precision": s.precision, "recall": s.recall} for c, s in scores.items()})
+        metadata["quality"] = MetadataValue.json(quality)
     return MaterializeResult(metadata=metadata)
+
+
+def _quality_vs_ground_truth(project: ProjectRows, appearances, frames, min_iou: float) -> dict | None:
+    """Precision and recall per asset over the sampled frames, when the project ships a
+    ground_truth.json (the demo does); None otherwise."""
+    truth = load_ground_truth(project.root_path)
+    if truth is None:
+        return None
+    frame_keys = [(f.scene_index, f.frame_index) for f in frames]
+    scores = evaluate_against_truth(appearances, truth, frame_keys, [a.code for a in project.assets], min_iou)
+    return {c: vars(s) | {"precision": s.precision, "recall": s.recall} for c, s in scores.items()}
 
 
 def _fmt(value: float | None) -> str:
@@ -290,11 +300,7 @@ def project_report(
     ]
     continuity = _stored_continuity(app_db, project)
     codes = [a.code for a in project.assets]
-    truth = load_ground_truth(project.root_path)
-    quality = None
-    if truth is not None:
-        scores = evaluate_against_truth(appearances, truth, [(f.scene_index, f.frame_index) for f in frames], codes, cfg.appearances.eval_iou)
-        quality = {c: vars(s) | {"precision": s.precision, "recall": s.recall} for c, s in scores.items()}
+    quality = _quality_vs_ground_truth(project, appearances, frames, cfg.appearances.eval_iou)
     html = render_report(key, project.name, frames, appearances, continuity, codes, model_version, quality)
     path = write_report(cfg.storage.reports_dir / f"{key}.html", html)
     summary = _md_table(
