@@ -23,6 +23,7 @@ from dagster import (
 from cv_assets.analysis.manifest import ManifestError, discover_manifests, load_manifest
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
+from cv_assets.defs.retries import STORE_RETRY, stop_on_termination
 from cv_assets.store.projects import upsert_project
 
 PROJECT_CHAIN = [
@@ -43,7 +44,11 @@ PROJECT_RUN_MAX_RUNTIME_SEC = 2 * 60 * 60
     partitions_def=projects_partitions,
     group_name="projects",
     kinds={"python", "sqlite"},
+    # A transient SQLite error (the write lock held past the busy timeout) is retried; an
+    # invalid manifest is not (it raises Failure(allow_retries=False)).
+    retry_policy=STORE_RETRY,
 )
+@stop_on_termination
 def project_manifest(context: AssetExecutionContext, settings: SettingsResource, app_db: AppDatabaseResource) -> MaterializeResult:
     """The project's `project.yaml`, validated and synced into SQLite (projects, assets,
     scene_manifests). Re-materialising picks up edits to the manifest."""

@@ -30,6 +30,7 @@ from sqlalchemy import select
 
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource, WarehouseResource
+from cv_assets.defs.retries import stop_on_termination
 from cv_assets.settings import Settings
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import Project, SceneManifest
@@ -100,6 +101,7 @@ def _cache_key(project: ProjectScenes, scene: Scene, settings: Settings):
     deps=["project_manifest"],
     retry_policy=RETRY,
 )
+@stop_on_termination
 def video_clips(
     context: AssetExecutionContext,
     settings: SettingsResource,
@@ -208,6 +210,7 @@ def _clips_metadata(project: ProjectScenes, results: dict[int, SamplingResult]) 
     deps=[video_clips],
     retry_policy=RETRY,
 )
+@stop_on_termination
 def sampled_frames(
     context: AssetExecutionContext,
     settings: SettingsResource,
@@ -241,11 +244,13 @@ def sampled_frames(
             write_ms += (time.perf_counter() - started) * 1000
             final_dir = target / scene_dir_name(scene.index)
             rows += [_frame_row(project.key, scene.index, f, final_dir / p.name) for f, p in zip(result.frames, paths)]
+        # Rows first, then files: a run that dies before the commit leaves the previous
+        # rows beside the JPEGs they point to, never old rows beside new pixels.
+        warehouse.get().replace_partition("sampled_frames", project.key, pd.DataFrame(rows, columns=FRAME_COLUMNS))
         replace_directory(staging, target)
     except BaseException:
         _remove_tree(staging)
         raise
-    warehouse.get().replace_partition("sampled_frames", project.key, pd.DataFrame(rows, columns=FRAME_COLUMNS))
     _fill_frame_cache(project.key, results)
     return MaterializeResult(metadata=_frames_metadata(project, results, rows, target, reused, write_ms))
 

@@ -1,0 +1,275 @@
+"""Security events: the embedding backfill, recurring visitors, their jobs and schedules.
+
+Wiring only; the work lives in `analysis/events.py` and `analysis/visitors.py`.
+
+The backfill schedule decides "is anything left?" without loading the model. Every
+backfill run records which model_version the configured embedder produces, keyed by a
+cheap fingerprint of the embedder settings and model files (`embedder_fingerprint`, in
+`<db file>.cache/embedders.json`). The schedule looks the configured embedder up there:
+- known: it counts the events without an embedding of that version, minus those given up
+  for it, and requests a run while any are left;
+- unknown (a new model, or no run yet) and there are events: it requests a run, which
+  records the version; from then on the count follows the new model until it covers
+  every event.
+(The Dagster instance is not used for this: a schedule that takes resources gets no
+instance under an ephemeral instance, as in tests.)
+
+(No `from __future__ import annotations` here: Dagster reads the Config and resource
+annotations at runtime.)
+"""
+
+from datetime import datetime, timezone
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetSelection,
+    Config,
+    DefaultScheduleStatus,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    RunConfig,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SkipReason,
+    asset,
+    asset_check,
+    define_asset_job,
+    in_process_executor,
+    schedule,
+)
+from pydantic import Field
+
+from cv_assets.analysis.events import (
+    MODES,
+    BackfillReport,
+    BatchSizeError,
+    batch_report,
+    count_events,
+    count_remaining,
+    embed_next_batch,
+    embedder_fingerprint,
+    given_up_events,
+    known_embedder_version,
+    latest_event_model_version,
+    markdown_table,
+    outcomes_preview,
+    remember_embedder_version,
+    resolve_batch_size,
+    run_event_backfill,
+)
+from cv_assets.analysis.visitors import update_recurring_visitors, visitors_table
+from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
+from cv_assets.settings import load_settings
+
+PREVIEW_ROWS = 20
+TOP_ENTITIES = 10
+GIVEN_UP_PREVIEW = 20
+# Used until settings grow an `events.visitor_recluster_cron` key: 03:00 UTC, a quiet hour.
+NIGHTLY_RECLUSTER_CRON = "0 3 * * *"
+
+
+class EventEmbeddingConfig(Config):
+    mode: str = Field("missing", description="missing: events without a vector for the current model, "
+                                             "oldest first (one batch); all: re-embed every event")
+    batch_size: int | None = Field(None, description="events per batch; default and most: events.max_batch (<= 100)")
+
+
+class RecurringVisitorsConfig(Config):
+    full_recluster: bool = Field(False, description="re-group every event from scratch instead of adding the new ones")
+
+
+def _embedding_metadata(report: BackfillReport, fingerprint: str) -> dict:
+    return {
+        "model_version": report.model_version,
+        "embedder_fingerprint": fingerprint,
+        "mode": report.mode,
+        "batch_size": report.batch_size,
+        "batches": report.batches,
+        "embedded": report.embedded,
+        "failed": report.failed,
+        "skipped": MetadataValue.int(report.skipped),
+        "remaining": report.remaining,
+        "total_events": report.total_events,
+        "coverage_pct": MetadataValue.float(round(report.coverage_pct, 2)),
+        "images_per_sec": MetadataValue.float(round(report.images_per_sec, 2)),
+        "preview": MetadataValue.md(outcomes_preview(report.outcomes, PREVIEW_ROWS)),
+    }
+
+
+@asset(group_name="events", kinds={"pytorch", "sqlite"})
+def event_embeddings(
+    context: AssetExecutionContext,
+    config: EventEmbeddingConfig,
+    settings: SettingsResource,
+    app_db: AppDatabaseResource,
+    embedder: EmbedderResource,
+) -> MaterializeResult:
+    """CLIP vectors of event thumbnails, in SQLite `event_embeddings` (JSON, model_version).
+
+    `missing` (the schedule's mode) embeds the next batch of events that have no vector
+    for the current model, oldest first; `all` re-embeds every event, batch by batch.
+    A thumbnail that cannot be embedded is recorded in `embedding_failures` with the
+    reason and retried at most `events.max_attempts` times; the event itself is never
+    touched and never holds up the rest of the batch.
+    """
+    cfg = settings.load()
+    events = cfg.events
+    if config.mode not in MODES:
+        raise Failure(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}", allow_retries=False)
+    try:
+        batch_size = resolve_batch_size(config.batch_size, events.max_batch)
+    except BatchSizeError as exc:
+        raise Failure(str(exc), allow_retries=False) from None
+    db = app_db.get()
+    model = embedder.get()
+    limits = dict(
+        max_batch=events.max_batch, max_attempts=events.max_attempts,
+        thumbnails_root=cfg.storage.thumbnails_root, thumbnail_max_bytes=events.thumbnail_max_bytes,
+    )
+    if config.mode == "missing":
+        batch = embed_next_batch(db, model, mode="missing", batch_size=batch_size, **limits)
+        report = batch_report(db, batch, batch_size, events.max_attempts)
+    else:
+        report = run_event_backfill(
+            db, model, mode="all", batch_size=batch_size, **limits,
+            on_batch=lambda b: context.log.info(f"re-embedded {b.embedded}, failed {b.failed}"),
+        )
+    remember_embedder_version(db, embedder.settings(), report.model_version)
+    for reason in report.failures.values():
+        context.log.warning(reason)
+    context.log.info(
+        f"{report.embedded} embedded, {report.failed} failed, {report.skipped} given up, {report.remaining} remaining"
+    )
+    return MaterializeResult(metadata=_embedding_metadata(report, embedder_fingerprint(embedder.settings())))
+
+
+@asset_check(asset=event_embeddings, description="No event thumbnail has been given up on for the current model.")
+def event_embeddings_not_given_up(settings: SettingsResource, app_db: AppDatabaseResource) -> AssetCheckResult:
+    events = settings.load().events
+    db = app_db.get()
+    with db.read() as session:
+        version = latest_event_model_version(session)
+    given_up = given_up_events(db, version, events.max_attempts, GIVEN_UP_PREVIEW) if version else []
+    table = markdown_table(
+        ["event", "attempts", "last failed", "reason"],
+        [(g["event_id"], g["attempts"], g["last_failed_at"], g["reason"][:160]) for g in given_up],
+    )
+    return AssetCheckResult(
+        passed=not given_up,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"model_version": version or "", "given_up_shown": len(given_up), "given_up": MetadataValue.md(table)},
+    )
+
+
+@asset(group_name="events", kinds={"numpy", "sqlite"}, deps=[event_embeddings])
+def recurring_visitors(
+    context: AssetExecutionContext,
+    config: RecurringVisitorsConfig,
+    settings: SettingsResource,
+    app_db: AppDatabaseResource,
+) -> MaterializeResult:
+    """Recurring visitors: embedded events grouped into entities (`recognized_entities`,
+    `entity_events`) by thumbnail similarity >= `events.visitor_similarity_threshold`.
+
+    New events join the entity with the nearest centroid or start a new one; with
+    `full_recluster` (the nightly schedule) every event is grouped again from scratch.
+    Entities seen at least `events.visitor_min_events` times are reported. Only the
+    current model version's vectors are grouped.
+    """
+    events = settings.load().events
+    report = update_recurring_visitors(
+        app_db.get(), threshold=events.visitor_similarity_threshold, min_events=events.visitor_min_events,
+        full_recluster=config.full_recluster, top_limit=TOP_ENTITIES,
+    )
+    context.log.info(
+        f"{report.mode}: {report.new_events} new events, {report.new_entities} new entities, "
+        f"{report.entities_reported} recurring visitors"
+    )
+    return MaterializeResult(
+        metadata={
+            "model_version": report.model_version or "",
+            "mode": report.mode,
+            "events_grouped": report.events_considered,
+            "new_events": report.new_events,
+            "new_entities": report.new_entities,
+            "entities": report.entities_total,
+            "recurring_visitors": report.entities_reported,
+            "events_of_recurring_visitors": report.events_in_reported,
+            "seconds": MetadataValue.float(round(report.seconds, 3)),
+            "top_entities": MetadataValue.md(visitors_table(report.top)),
+        }
+    )
+
+
+event_embedding_backfill_job = define_asset_job(
+    "event_embedding_backfill_job",
+    selection=AssetSelection.assets(event_embeddings, recurring_visitors),
+    description="Embed the next batch of event thumbnails, then fold the new vectors into recurring visitors.",
+    # One process: the model loads once and the vector index is shared by both steps.
+    executor_def=in_process_executor,
+)
+
+recurring_visitors_job = define_asset_job(
+    "recurring_visitors_job",
+    selection=AssetSelection.assets(recurring_visitors),
+    description="Group embedded events into recurring visitors.",
+    executor_def=in_process_executor,
+)
+
+_LOADED_SETTINGS = load_settings()  # read once, when Dagster loads the definitions
+
+
+@schedule(
+    cron_schedule=_LOADED_SETTINGS.events.backfill_cron,
+    job=event_embedding_backfill_job,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Embeds event thumbnails batch by batch while any event lacks a vector.",
+)
+def event_embedding_backfill_schedule(
+    context: ScheduleEvaluationContext,
+    settings: SettingsResource,
+    app_db: AppDatabaseResource,
+    embedder: EmbedderResource,
+):
+    max_attempts = settings.load().events.max_attempts
+    db = app_db.get()
+    configured = embedder.settings()
+    version = known_embedder_version(db, configured)
+    with db.read() as session:
+        if version is None and db.path is None:  # no cache beside an in-memory database
+            version = latest_event_model_version(session)
+        if count_events(session) == 0:
+            return SkipReason("there are no events yet")
+        remaining = count_remaining(session, version, max_attempts) if version else None
+    if remaining == 0:
+        return SkipReason(f"every event has an embedding for {version} (or was given up)")
+    tick = context.scheduled_execution_time or datetime.now(timezone.utc)
+    tags = {"model_version": version or "unknown", "embedder_fingerprint": embedder_fingerprint(configured)}
+    if remaining is None:
+        tags["reason"] = "the configured embedder has not run on these events yet"
+    else:
+        tags["remaining_events"] = str(remaining)
+    return RunRequest(run_key=f"event_embeddings:{tick.isoformat()}", tags=tags)
+
+
+@schedule(
+    cron_schedule=getattr(_LOADED_SETTINGS.events, "visitor_recluster_cron", NIGHTLY_RECLUSTER_CRON),
+    job=recurring_visitors_job,
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Nightly full re-cluster of recurring visitors (fixes the drift of incremental grouping).",
+)
+def recurring_visitors_nightly_schedule(context: ScheduleEvaluationContext):
+    tick = context.scheduled_execution_time or datetime.now(timezone.utc)
+    return RunRequest(
+        run_key=f"recurring_visitors:{tick.isoformat()}",
+        run_config=RunConfig(ops={"recurring_visitors": RecurringVisitorsConfig(full_recluster=True)}),
+    )
+
+
+EVENT_ASSETS = [event_embeddings, recurring_visitors]
+EVENT_CHECKS = [event_embeddings_not_given_up]
+EVENT_JOBS = [event_embedding_backfill_job, recurring_visitors_job]
+EVENT_SCHEDULES = [event_embedding_backfill_schedule, recurring_visitors_nightly_schedule]

@@ -1,0 +1,317 @@
+"""The CLIP embedder: transformers `CLIPModel`, loaded lazily once, batched and pipelined.
+
+- Weights: a hub id (from the local Hugging Face cache; `local_files_only` by default)
+  or a directory written by `save_pretrained`. Safetensors only (no pickle), no
+  remote code, revision pinnable.
+- Device: auto = CUDA with fp16 when available, else CPU fp32 using every core
+  this process may run on.
+- Version: `<repo>@<commit>` for hub models, `clip:<dir>@sha256:<12 hex>` for a local
+  directory (hash of the weights and preprocessor config), stored with every vector.
+- Preprocessing: `preprocess.py` (arrays and torch kernels, no PIL round trip). Files
+  for the next batch are decoded in a worker thread while the model runs; on a GPU
+  the workers resize too (see `ClipEmbedder.__init__`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cv_assets.embedding.base import (
+    EMBEDDING_DIM,
+    Embedder,
+    EmbedderConfigError,
+    ModelUnavailableError,
+    available_cores,
+)
+from cv_assets.embedding.preprocess import PreprocessConfig, resize_and_crop, to_pixel_values
+from cv_assets.settings import EmbedderSettings
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors",)
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
+# Decoding a JPEG at 1/2, 1/4 or 1/8 scale is nearly free; keep at least twice the
+# model's input size so the final antialiased resize still has real detail to work with.
+DECODE_OVERSAMPLING = 2
+MAX_PREFETCH_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class LoadedClip:
+    model: Any
+    preprocess: PreprocessConfig
+    directory: Path
+    model_version: str
+    load_seconds: float
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise EmbedderConfigError("embedder.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    return requested
+
+
+def default_cache_dir(settings: EmbedderSettings) -> Path:
+    if settings.cache_dir:
+        return Path(settings.cache_dir)
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def unavailable_message(settings: EmbedderSettings, reason: str) -> str:
+    """Say which model, where it was looked for, and the two ways out."""
+    model = settings.model
+    revision = f" (revision {settings.revision})" if settings.revision else ""
+    fallback = ("  - or, for an air-gapped demo, set embedder.fallback: color_histogram (a colour-histogram "
+                "embedder with its own model_version; its vectors are never mixed with CLIP vectors).")
+    if _looks_like_path(model):
+        return (
+            f"CLIP model directory {Path(model).expanduser()}{revision} cannot be loaded: {reason}\n"
+            "To fix it:\n"
+            "  - put a checkpoint written by CLIPModel.save_pretrained(DIR, safe_serialization=True) there "
+            "(config.json, model.safetensors, preprocessor_config.json and the tokenizer files), or point "
+            "embedder.model (config.yaml, or CV_ASSETS__EMBEDDER__MODEL) at another local copy,\n" + fallback
+        )
+    cache = default_cache_dir(settings)
+    offline = " (embedder.local_files_only is true, so the hub is never contacted)" if settings.local_files_only else ""
+    return (
+        f"CLIP model {model!r}{revision} is not available: no usable copy in the Hugging Face cache "
+        f"at {cache}{offline}. Details: {reason}\n"
+        "To fix it:\n"
+        f"  - on a machine with internet run `hf download {model}` (or CLIPModel.from_pretrained + "
+        "save_pretrained(DIR) with its processor and tokenizer), copy the folder here and set embedder.model "
+        "to that local directory (config.yaml, or CV_ASSETS__EMBEDDER__MODEL=/path/to/clip), or set "
+        "embedder.cache_dir to a cache that holds it,\n" + fallback
+    )
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the safetensors weights and the preprocessor config (both decide the vectors)."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in WEIGHT_PATTERNS for p in directory.glob(pattern)})
+    config = directory / PREPROCESSOR_CONFIG
+    for path in files + ([config] if config.is_file() else []):
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hub_snapshot_dir(settings: EmbedderSettings) -> Path | None:
+    """The cached snapshot directory of a hub model (its name is the commit hash)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(settings.model, "config.json", cache_dir=settings.cache_dir,
+                                   revision=settings.revision)
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def _model_version(settings: EmbedderSettings, directory: Path, local: bool) -> str:
+    if local:
+        return f"clip:{directory.name}@sha256:{weights_digest(directory)[:12]}"
+    if directory.parent.name == "snapshots":
+        return f"{settings.model}@{directory.name}"
+    # Not found in the cache layout (unusual): the pinned revision is the best name left.
+    return f"{settings.model}@{settings.revision or 'unresolved'}"
+
+
+def load_clip(settings: EmbedderSettings, device: str) -> LoadedClip:
+    """Load the model named by `settings` or raise `ModelUnavailableError` (never a hub stack trace)."""
+    from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    started = time.perf_counter()
+    local_dir = Path(settings.model).expanduser()
+    local = local_dir.is_dir()
+    if _looks_like_path(settings.model) and not local:
+        raise ModelUnavailableError(unavailable_message(settings, "the directory does not exist")) from None
+    if device == "cpu":
+        torch.set_num_threads(available_cores())
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # no progress bars or loading chatter in every run's log
+    hf_logging.disable_progress_bar()
+    try:
+        model = CLIPModel.from_pretrained(
+            str(local_dir) if local else settings.model,
+            revision=settings.revision,
+            cache_dir=settings.cache_dir,
+            local_files_only=settings.local_files_only,
+            use_safetensors=True,
+            dtype=dtype,
+        )
+    except Exception as exc:  # OSError, HFValidationError, SafetensorError ...: all mean "not loadable"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first_line}"
+        if local and not any(local_dir.glob("*.safetensors")):
+            reason = "no *.safetensors weights in it (pickled .bin weights are never loaded)"
+        raise ModelUnavailableError(unavailable_message(settings, reason)) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    model = model.to(device).eval()
+    directory = local_dir if local else (_hub_snapshot_dir(settings) or Path(settings.model))
+    default = PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
+    config_file = directory / PREPROCESSOR_CONFIG
+    preprocess = PreprocessConfig.from_file(config_file, default) if config_file.is_file() else default
+    version = _model_version(settings, directory, local)
+    return LoadedClip(model, preprocess, directory, version, time.perf_counter() - started)
+
+
+class ClipEmbedder(Embedder):
+    """CLIP image and text embeddings (512-d, unit norm), the inherited `CLIPEmbeddingService`."""
+
+    family = "clip"
+
+    def __init__(self, settings: EmbedderSettings | None = None):
+        self.settings = settings or EmbedderSettings()
+        self.device = resolve_device(self.settings.device)
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.batch_size = self.settings.batch_size
+        # On a CPU the model already uses every core: one thread decodes the next batch's
+        # files beside it, and resizing (torch kernels on the same OpenMP pool as the model)
+        # runs between forward passes instead of fighting them for cores. On a GPU the CPU is
+        # free: several threads decode and resize so the model never waits.
+        on_cpu = self.device == "cpu"
+        self.prefetch_workers = 1 if on_cpu else min(MAX_PREFETCH_WORKERS, available_cores())
+        self.prepare_in_workers = not on_cpu
+        self._loaded: LoadedClip | None = None
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    # -- loading -------------------------------------------------------------------
+    def ensure_ready(self) -> None:
+        self._load()
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Any,
+        *,
+        model_version: str,
+        preprocess: PreprocessConfig | None = None,
+        device: str = "auto",
+        batch_size: int = 32,
+        dtype: torch.dtype | None = None,
+    ) -> "ClipEmbedder":
+        """Wrap a `CLIPModel` already in memory (benchmarks, notebooks); the caller names its version."""
+        embedder = cls(EmbedderSettings(model=f"<in-memory {model_version}>", device=device, batch_size=batch_size))
+        if dtype is not None:
+            embedder.dtype = dtype
+        if embedder.device == "cpu":
+            torch.set_num_threads(available_cores())
+        model = model.to(device=embedder.device, dtype=embedder.dtype).eval()
+        preprocess = preprocess or PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
+        embedder._install(LoadedClip(model, preprocess, Path("."), model_version, 0.0))
+        return embedder
+
+    def _install(self, loaded: LoadedClip) -> None:
+        projection = int(loaded.model.config.projection_dim)
+        if projection != EMBEDDING_DIM:
+            raise ModelUnavailableError(
+                f"CLIP model {self.settings.model!r} projects to {projection} dimensions; "
+                f"the stores hold {EMBEDDING_DIM}-d vectors (use a ViT-B/32-style checkpoint)")
+        self.decode_min_side = DECODE_OVERSAMPLING * loaded.preprocess.shortest_edge
+        self._loaded = loaded
+
+    def _load(self) -> LoadedClip:
+        if self._loaded is None:
+            with self._lock:
+                if self._loaded is None:
+                    loaded = load_clip(self.settings, self.device)
+                    self._install(loaded)
+                    log.info("loaded CLIP %s on %s in %.1fs", loaded.model_version, self.device, loaded.load_seconds)
+        return self._loaded
+
+    @property
+    def model(self):
+        return self._load().model
+
+    @property
+    def preprocess_config(self) -> PreprocessConfig:
+        return self._load().preprocess
+
+    @property
+    def model_version(self) -> str:
+        return self._load().model_version
+
+    @property
+    def model_directory(self) -> Path:
+        return self._load().directory
+
+    # -- images --------------------------------------------------------------------
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        return resize_and_crop(image, self._load().preprocess)
+
+    def _embed_prepared(self, prepared: list[np.ndarray]) -> np.ndarray:
+        loaded = self._load()
+        pixels = to_pixel_values(prepared, loaded.preprocess, self.device, self.dtype)
+        return self.forward(pixels)
+
+    def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Ready (N, 3, h, w) pixel values -> (N, 512) float32 unit vectors (the model alone)."""
+        with torch.inference_mode():
+            output = self._load().model.get_image_features(pixel_values=pixel_values)
+            return _unit_rows(output)
+
+    # -- text ----------------------------------------------------------------------
+    def _load_tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import CLIPTokenizer
+
+            directory = self._load().directory
+            try:
+                self._tokenizer = CLIPTokenizer.from_pretrained(str(directory), local_files_only=True)
+            except Exception as exc:
+                raise ModelUnavailableError(
+                    f"CLIP model {self.settings.model!r} has no usable tokenizer in {directory} "
+                    f"({type(exc).__name__}: {exc}); save the CLIPTokenizer with the checkpoint "
+                    "(tokenizer.json or vocab.json + merges.txt) to use text search") from None
+        return self._tokenizer
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Text queries -> (N, 512) float32 unit vectors in the same space as the images."""
+        if isinstance(texts, str):
+            texts = [texts]
+        model = self.model
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        tokenizer = self._load_tokenizer()
+        max_length = int(model.config.text_config.max_position_embeddings)
+        vectors = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
+                               max_length=max_length, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                vectors.append(_unit_rows(model.get_text_features(**tokens)))
+        return np.concatenate(vectors, axis=0)
+
+
+def _unit_rows(output: Any) -> np.ndarray:
+    # transformers 5 returns an output object whose pooler_output is the projection; 4.x a tensor.
+    features = output.pooler_output if hasattr(output, "pooler_output") else output
+    features = torch.nn.functional.normalize(features.float(), dim=-1)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+# The name the inherited services used.
+CLIPEmbeddingService = ClipEmbedder
