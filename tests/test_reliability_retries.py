@@ -239,7 +239,9 @@ def test_a_sensor_retick_after_a_daemon_crash_launches_no_duplicate_run(tmp_path
     from dagster._core.test_utils import freeze_time
     from dagster._time import get_current_datetime
 
+    from cv_assets.analysis.events import embedder_fingerprint
     from cv_assets.analysis.manifest import load_manifest
+    from cv_assets.settings import load_settings
 
     store_root = tmp_path / "store"
     h.copy_demo(h.demo_source(tmp_path_factory), store_root, ("demo", "demo_b"))
@@ -247,7 +249,8 @@ def test_a_sensor_retick_after_a_daemon_crash_launches_no_duplicate_run(tmp_path
     home = h.write_dagster_home(tmp_path / "dagster_home")
     defs_file = h.write_defs_file(tmp_path / "defs_file.py", config)
     projects = store_root / "projects"
-    run_keys = {key: f"{key}:{load_manifest(projects / key).content_hash}" for key in ("demo", "demo_b")}
+    model = embedder_fingerprint(load_settings(config).embedder)
+    run_keys = {key: f"{key}:{load_manifest(projects / key).content_hash}:{model}" for key in ("demo", "demo_b")}
 
     with h.children() as kids:
         kids.append(h.start_child([str(h.HERE), "sensor-tick", str(defs_file), "--crash-at", "RUN_CREATED"],

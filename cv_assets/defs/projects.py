@@ -20,6 +20,7 @@ from dagster import (
     sensor,
 )
 
+from cv_assets.analysis.events import embedder_fingerprint
 from cv_assets.analysis.manifest import ManifestError, discover_manifests, load_manifest
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
@@ -91,21 +92,23 @@ project_reprocess_job = define_asset_job(
 @sensor(job=project_reprocess_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
 def project_sensor(context: SensorEvaluationContext, settings: SettingsResource, app_db: AppDatabaseResource):
     """Scan `projects_root` for project manifests; validate each, sync it into SQLite, add
-    its partition and request a run keyed by the manifest's content hash (a re-tick never
-    launches a duplicate; an edit launches a new run). A bad project never blocks the others."""
+    its partition and request a run keyed by the manifest's content hash and the embedder
+    configuration (a re-tick never launches a duplicate; an edited manifest, clip or image,
+    or a switch of model, launches a new run). A bad project never blocks the others."""
     cfg = settings.load()
     manifests, bad = discover_manifests(cfg.storage.projects_root)
     for folder, reason in bad.items():
         context.log.error(f"project {folder} skipped: {reason}")
     db = app_db.get()
     known = set(context.instance.get_dynamic_partitions(projects_partitions.name))
+    model = embedder_fingerprint(cfg.embedder)
     run_requests = []
     for manifest in manifests:
         upsert_project(db, manifest)
         run_requests.append(
             RunRequest(
                 partition_key=manifest.key,
-                run_key=f"{manifest.key}:{manifest.content_hash}",
+                run_key=f"{manifest.key}:{manifest.content_hash}:{model}",
                 tags={"cv_assets/project": manifest.key, "cv_assets/manifest_hash": manifest.content_hash},
             )
         )
