@@ -210,6 +210,9 @@ event_embedding_backfill_job = define_asset_job(
     description="Embed the next batch of event thumbnails, then fold the new vectors into recurring visitors.",
     # One process: the model loads once and the vector index is shared by both steps.
     executor_def=in_process_executor,
+    # dagster.yaml limits runs with this tag to one at a time: two overlapping backfills
+    # would pick the same events and double-count failed attempts.
+    tags={"cv_assets/kind": "event_backfill"},
 )
 
 recurring_visitors_job = define_asset_job(
