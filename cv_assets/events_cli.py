@@ -299,6 +299,7 @@ def _import(args, settings: Settings) -> int:
         )
     lines = [f"{report.path} ({report.format}): {report.summary()}"]
     lines += [f"  rejected {problem}" for problem in report.errors]
+    lines += [f"  warning  {problem}" for problem in report.thumbnail_warnings]
     lines += [f"  duplicate {problem}" for problem in report.duplicates]
     if report.ignored_fields:
         lines.append(f"  ignored unknown fields: {', '.join(sorted(report.ignored_fields))}")

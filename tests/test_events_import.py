@@ -60,17 +60,21 @@ def test_jsonl_keeps_good_rows_and_reports_bad_ones_by_line(db, tmp_path):
     ])
     progress = []
     report = run_import(db, path, tmp_path, on_progress=progress.append)
-    assert report.format == "jsonl" and report.imported == 3
+    assert report.format == "jsonl" and report.imported == 6
     errors = {e.line: e for e in report.errors}
-    assert sorted(errors) == [3, 4, 5, 6, 7, 8, 9, 10, 12, 16]
+    assert sorted(errors) == [3, 4, 5, 6, 7, 12, 16]
     assert "not valid JSON" in errors[3].reason
     assert "expected a JSON object" in errors[4].reason
     assert errors[5].reason == "id is missing"
     assert "not an ISO 8601" in errors[6].reason and errors[6].event_id == "evt-bad-time"
     assert "not both" in errors[7].reason
-    assert "has no thumbnail" in errors[8].reason
-    assert "not valid base64" in errors[9].reason
-    assert "'..'" in errors[10].reason
+    # An unusable thumbnail does not lose the event: imported, with a warning naming why.
+    warnings = {w.line: w for w in report.thumbnail_warnings}
+    assert sorted(warnings) == [8, 9, 10]
+    assert "has no thumbnail" in warnings[8].reason and warnings[8].event_id == "evt-none"
+    assert "not valid base64" in warnings[9].reason
+    assert "'..'" in warnings[10].reason
+    assert {"evt-none", "evt-b64", "evt-escape"} <= set(stored(db))
     assert "longer than 128" in errors[12].reason
     assert "control characters" in errors[16].reason
     assert str(errors[6]).startswith("line 6 (event evt-bad-time): ")
@@ -79,7 +83,7 @@ def test_jsonl_keeps_good_rows_and_reports_bad_ones_by_line(db, tmp_path):
     assert "already exists" in duplicates[14].reason
     assert report.ignored_fields == {"extra"}
     rows = stored(db)
-    assert set(rows) == {"evt-existing", "evt-00001", "evt-00002", "42"}
+    assert set(rows) == {"evt-existing", "evt-00001", "evt-00002", "42", "evt-none", "evt-b64", "evt-escape"}
     assert rows["evt-00001"].camera_id == "front_door" and rows["evt-00001"].label == "person"
     assert rows["evt-00001"].started_at == datetime(2026, 11, 1, 8, 15)
     assert rows["evt-00002"].started_at == datetime(2026, 11, 1, 8, 15)  # +01:00 stored as UTC

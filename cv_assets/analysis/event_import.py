@@ -4,7 +4,10 @@ One event per line (JSONL) or row (CSV, header line first), with the fields
 `id, camera_id, started_at, label, thumbnail_base64 | thumbnail_path`. Every row is
 validated on its own: a bad row is reported with its line number and the reason and the
 good rows are kept; an id that already exists (in the database or earlier in the file)
-is reported as a duplicate and skipped, never overwritten. Rows are written in short
+is reported as a duplicate and skipped, never overwritten. An event whose thumbnail is
+unusable (missing, not valid base64, outside thumbnails_root) is still imported — the
+event happened — with a warning; the backfill then records why it cannot be embedded.
+Only a thumbnail over `events.thumbnail_max_bytes` rejects the row, to keep the database small. Rows are written in short
 transactions of `chunk_size`, so an import never holds the database for long.
 """
 
@@ -63,16 +66,21 @@ class ImportReport:
     imported: int = 0
     duplicates: list[RowProblem] = field(default_factory=list)
     errors: list[RowProblem] = field(default_factory=list)
+    thumbnail_warnings: list[RowProblem] = field(default_factory=list)
     ignored_fields: set[str] = field(default_factory=set)
 
     def summary(self) -> str:
-        return (f"{self.rows_read} rows, {self.imported} imported, {len(self.duplicates)} duplicates skipped, "
+        text = (f"{self.rows_read} rows, {self.imported} imported, {len(self.duplicates)} duplicates skipped, "
                 f"{len(self.errors)} rejected")
+        if self.thumbnail_warnings:
+            text += f"; {len(self.thumbnail_warnings)} imported with an unusable thumbnail"
+        return text
 
     def as_dict(self) -> dict:
         return {
             "path": self.path, "format": self.format, "rows_read": self.rows_read, "imported": self.imported,
             "duplicates": [d.as_dict() for d in self.duplicates], "errors": [e.as_dict() for e in self.errors],
+            "thumbnail_warnings": [w.as_dict() for w in self.thumbnail_warnings],
             "ignored_fields": sorted(self.ignored_fields),
         }
 
@@ -199,18 +207,25 @@ def validate_record(record: dict, *, thumbnails_root: Path, thumbnail_max_bytes:
     }
     if row["thumbnail_base64"] and row["thumbnail_path"]:
         raise RowError("give thumbnail_base64 or thumbnail_path, not both")
+    if row["thumbnail_base64"] and len(row["thumbnail_base64"]) > base64_text_limit(thumbnail_max_bytes):
+        raise RowError(f"thumbnail_base64 is longer than events.thumbnail_max_bytes={thumbnail_max_bytes} allows")
+    return row
+
+
+def thumbnail_problem(row: dict, *, thumbnails_root: Path, thumbnail_max_bytes: int) -> str | None:
+    """Why the event's thumbnail cannot be embedded as it stands, or None."""
     try:
         if row["thumbnail_base64"]:
-            decode_base64_thumbnail(row["thumbnail_base64"], event_id=event_id, max_bytes=thumbnail_max_bytes)
+            decode_base64_thumbnail(row["thumbnail_base64"], event_id=row["id"], max_bytes=thumbnail_max_bytes)
         elif row["thumbnail_path"]:
             # Containment is checked now; the file itself may arrive later (its absence is
             # an embedding failure, recorded and retried, not an import error).
-            resolve_thumbnail_path(row["thumbnail_path"], event_id=event_id, root=thumbnails_root)
+            resolve_thumbnail_path(row["thumbnail_path"], event_id=row["id"], root=thumbnails_root)
         else:
-            raise RowError("has no thumbnail: give thumbnail_base64 or thumbnail_path")
+            return "has no thumbnail (neither thumbnail_base64 nor thumbnail_path)"
     except ThumbnailError as exc:
-        raise RowError(exc.reason) from None
-    return row
+        return exc.reason
+    return None
 
 
 # ---------------------------------------------------------------- the import
@@ -263,6 +278,9 @@ def _check_record(record, line_no, report, first_line, pending, thumbnails_root,
     if row["id"] in first_line:
         report.duplicates.append(RowProblem(line_no, row["id"], f"repeats the id of line {first_line[row['id']]}; skipped"))
         return
+    problem = thumbnail_problem(row, thumbnails_root=thumbnails_root, thumbnail_max_bytes=thumbnail_max_bytes)
+    if problem:
+        report.thumbnail_warnings.append(RowProblem(line_no, row["id"], problem))
     first_line[row["id"]] = line_no
     pending.append((line_no, row))
 
