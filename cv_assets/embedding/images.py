@@ -132,8 +132,13 @@ def pil_to_rgb(image: Image.Image, label: str, *, max_pixels: int = MAX_PIXELS) 
     return _to_rgb(image, label)
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     try:
+        if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+            return image  # upright already (exif_transpose would still copy every pixel)
         return ImageOps.exif_transpose(image)
     except (OSError, ValueError, KeyError, TypeError, SyntaxError):
         # A broken EXIF block says nothing reliable about orientation; keep the pixels as stored.
