@@ -63,6 +63,13 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def configure_cpu_threads(device: str) -> None:
+    """CPU: the model's matrix products use every available core. GPU: the CPU only resizes,
+    one image per worker thread, so each worker keeps to one OpenMP thread (8 workers x
+    16 OpenMP threads would fight over 16 cores)."""
+    torch.set_num_threads(available_cores() if device == "cpu" else 1)
+
+
 def default_cache_dir(settings: EmbedderSettings) -> Path:
     if settings.cache_dir:
         return Path(settings.cache_dir)
@@ -143,8 +150,7 @@ def load_clip(settings: EmbedderSettings, device: str) -> LoadedClip:
     local = local_dir.is_dir()
     if _looks_like_path(settings.model) and not local:
         raise ModelUnavailableError(unavailable_message(settings, "the directory does not exist")) from None
-    if device == "cpu":
-        torch.set_num_threads(available_cores())
+    configure_cpu_threads(device)
     dtype = torch.float16 if device == "cuda" else torch.float32
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no progress bars or loading chatter in every run's log
@@ -217,8 +223,7 @@ class ClipEmbedder(Embedder):
         embedder = cls(EmbedderSettings(model=f"<in-memory {model_version}>", device=device, batch_size=batch_size))
         if dtype is not None:
             embedder.dtype = dtype
-        if embedder.device == "cpu":
-            torch.set_num_threads(available_cores())
+        configure_cpu_threads(embedder.device)
         model = model.to(device=embedder.device, dtype=embedder.dtype).eval()
         preprocess = preprocess or PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
         embedder._install(LoadedClip(model, preprocess, Path("."), model_version, 0.0))
