@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import build_vit_b32  # noqa: E402
+
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sqlalchemy import insert, select  # noqa: E402
@@ -178,17 +180,6 @@ def run_similar(quick: bool) -> float:
 
 
 # ---------------------------------------------------------------- backfill throughput
-
-
-def build_vit_b32(path: Path) -> Path:
-    import torch
-    from transformers import CLIPConfig, CLIPModel
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    torch.manual_seed(0)
-    CLIPModel(CLIPConfig(projection_dim=512)).save_pretrained(path, safe_serialization=True)
-    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
-    return path
 
 
 def thumbnail_b64(rng: np.random.Generator) -> str:
