@@ -45,14 +45,14 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from sqlalchemy import insert, select  # noqa: E402
 
-from cv_assets.analysis.events import (  # noqa: E402
+from cv_assets.events.backfill import (  # noqa: E402
     EMBEDDINGS,
     EVENTS,
     count_remaining,
     embed_next_batch,
     write_event_embeddings,
 )
-from cv_assets.analysis.similarity import (  # noqa: E402
+from cv_assets.events.search import (  # noqa: E402
     clear_vector_indexes,
     similar_events,
     snapshot_path,

@@ -484,7 +484,7 @@ def _sqlite_writer(url: str, worker: int, iterations: int, go_file: str) -> int:
     failure counters on shared rows, new embedding rows, and plain reads."""
     from sqlalchemy import func, select
 
-    from cv_assets.analysis.events import record_event_failures, write_event_embeddings
+    from cv_assets.events.backfill import record_event_failures, write_event_embeddings
     from cv_assets.embedding.refresh import _record_failures
     from cv_assets.store import AppDatabase
     from cv_assets.store.models import EventEmbedding

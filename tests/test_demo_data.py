@@ -124,7 +124,7 @@ def test_manifest_parses_and_every_referenced_file_exists(small):
 
 
 def test_manifest_passes_the_projects_validation(small):
-    manifest_module = pytest.importorskip("cv_assets.analysis.manifest")
+    manifest_module = pytest.importorskip("cv_assets.manifest")
     spec = manifest_module.ManifestSpec.model_validate(yaml.safe_load(small.manifest_path.read_text()))
     assert spec.project == "demo" and len(spec.scenes) == small.scenes
 

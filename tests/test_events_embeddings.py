@@ -22,7 +22,7 @@ from test_events_support import (
     png_bytes,
 )
 
-from cv_assets.analysis.events import (
+from cv_assets.events.backfill import (
     BatchSizeError,
     EventNotFoundError,
     count_remaining,

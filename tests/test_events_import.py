@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 from test_events_support import COLOURS, T0, add_events, b64, jpeg_bytes, new_db
 
-from cv_assets.analysis.event_import import ImportFormatError, count_lines, detect_format, import_events
+from cv_assets.events.importer import ImportFormatError, count_lines, detect_format, import_events
 from cv_assets.store.models import Event
 
 GOOD_B64 = b64(jpeg_bytes(COLOURS["red"]))
@@ -172,7 +172,7 @@ def test_imports_are_chunked(db, tmp_path):
 
 
 def test_import_events_file_takes_limits_from_settings(db, tmp_path):
-    from cv_assets.analysis.event_import import import_events_file
+    from cv_assets.events.importer import import_events_file
     from cv_assets.settings import Settings
 
     settings = Settings.model_validate({"storage": {"thumbnails_root": str(tmp_path / "thumbs")},

@@ -18,9 +18,9 @@ from test_events_support import (
     jpeg_bytes,
 )
 
-from cv_assets.analysis.events import EventNotFoundError, run_event_backfill, vector_from_json, write_event_embeddings
-from cv_assets.analysis import similarity
-from cv_assets.analysis.similarity import (
+from cv_assets.events.backfill import EventNotFoundError, run_event_backfill, vector_from_json, write_event_embeddings
+from cv_assets.events import search as similarity
+from cv_assets.events.search import (
     NoEmbeddingError,
     TextSearchUnavailableError,
     clear_vector_indexes,

@@ -9,7 +9,7 @@ from PIL import Image
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 from sqlalchemy import select
 
-from cv_assets.analysis.manifest import ManifestError, discover_manifests, load_manifest
+from cv_assets.manifest import ManifestError, discover_manifests, load_manifest
 from cv_assets.defs.projects import project_sensor
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
 from cv_assets.settings import load_settings

@@ -15,8 +15,8 @@ from dagster import DagsterInstance, build_schedule_context
 from sqlalchemy import func, select
 
 import reliability_helpers as h
-from cv_assets.analysis.event_import import import_events
-from cv_assets.analysis.similarity import clear_vector_indexes
+from cv_assets.events.importer import import_events
+from cv_assets.events.search import clear_vector_indexes
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import EmbeddingFailure, EventEmbedding
 

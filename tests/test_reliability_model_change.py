@@ -9,9 +9,9 @@ from dagster import DagsterInstance, build_schedule_context, materialize
 from sqlalchemy import select
 
 import reliability_helpers as h
-from cv_assets.analysis.event_import import import_events
-from cv_assets.analysis.events import event_status
-from cv_assets.analysis.similarity import clear_vector_indexes, similar_events
+from cv_assets.events.importer import import_events
+from cv_assets.events.backfill import event_status
+from cv_assets.events.search import clear_vector_indexes, similar_events
 from cv_assets.embedding import clear_embedder_cache
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import (

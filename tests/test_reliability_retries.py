@@ -239,8 +239,8 @@ def test_a_sensor_retick_after_a_daemon_crash_launches_no_duplicate_run(tmp_path
     from dagster._core.test_utils import freeze_time
     from dagster._time import get_current_datetime
 
-    from cv_assets.analysis.events import embedder_fingerprint
-    from cv_assets.analysis.manifest import load_manifest
+    from cv_assets.events.backfill import embedder_fingerprint
+    from cv_assets.manifest import load_manifest
     from cv_assets.settings import load_settings
 
     store_root = tmp_path / "store"

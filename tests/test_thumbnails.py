@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cv_assets.analysis.thumbnails import (
+from cv_assets.events.thumbnails import (
     ThumbnailError,
     base64_text_limit,
     decode_base64_thumbnail,

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import delete, func, select
 from test_events_support import T0, add_events, new_db
 
-from cv_assets.analysis.events import write_event_embeddings
-from cv_assets.analysis.similarity import clear_vector_indexes
-from cv_assets.analysis.visitors import (
+from cv_assets.events.backfill import write_event_embeddings
+from cv_assets.events.search import clear_vector_indexes
+from cv_assets.events.visitors import (
     assign_incrementally,
     cluster_all,
     list_recurring_visitors,

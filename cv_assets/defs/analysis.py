@@ -26,7 +26,7 @@ from cv_assets.analysis.ground_truth import load_ground_truth
 from cv_assets.analysis.report import ReportFrame, render_report, write_report
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource, WarehouseResource
-from cv_assets.defs.retries import stop_on_termination
+from cv_assets.defs.common import stop_on_termination
 from cv_assets.embedding.images import ImageError, load_image
 from cv_assets.store.appearances import load_appearances, replace_appearances, replace_region_embeddings
 from cv_assets.store.frames import frame_image, sampled_frame_rows

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, WarehouseResource
-from cv_assets.defs.retries import STORE_RETRY, stop_on_termination
+from cv_assets.defs.common import STORE_RETRY, stop_on_termination
 from cv_assets.embedding import ModelUnavailableError
 from cv_assets.embedding.refresh import (
     RefreshReport,

@@ -42,7 +42,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from cv_assets.analysis.events import (
+from cv_assets.events.backfill import (
     MODES,
     BackfillReport,
     BatchSizeError,
@@ -60,7 +60,7 @@ from cv_assets.analysis.events import (
     resolve_batch_size,
     run_event_backfill,
 )
-from cv_assets.analysis.visitors import update_recurring_visitors, visitors_table
+from cv_assets.events.visitors import update_recurring_visitors, visitors_table
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
 from cv_assets.settings import load_settings
 

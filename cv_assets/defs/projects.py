@@ -20,11 +20,11 @@ from dagster import (
     sensor,
 )
 
-from cv_assets.analysis.events import embedder_fingerprint
-from cv_assets.analysis.manifest import ManifestError, discover_manifests, load_manifest
+from cv_assets.events.backfill import embedder_fingerprint
+from cv_assets.manifest import ManifestError, discover_manifests, load_manifest
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
-from cv_assets.defs.retries import STORE_RETRY, stop_on_termination
+from cv_assets.defs.common import STORE_RETRY, stop_on_termination
 from cv_assets.store.projects import upsert_project
 
 PROJECT_CHAIN = [

@@ -30,7 +30,7 @@ from sqlalchemy import select
 
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource, WarehouseResource
-from cv_assets.defs.retries import stop_on_termination
+from cv_assets.defs.common import stop_on_termination
 from cv_assets.settings import Settings
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import Project, SceneManifest

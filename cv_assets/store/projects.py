@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy import delete, select
 
-from cv_assets.analysis.manifest import ProjectManifest
+from cv_assets.manifest import ProjectManifest
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.models import Asset, Project, SceneManifest
 

@@ -25,8 +25,8 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from cv_assets.analysis.events import latest_event_model_version, markdown_table, vector_to_json
-from cv_assets.analysis.similarity import vector_index
+from cv_assets.events.backfill import latest_event_model_version, markdown_table, vector_to_json
+from cv_assets.events.search import vector_index
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.models import EntityEvent, RecognizedEntity, utcnow
 

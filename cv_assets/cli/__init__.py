@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--revision", default="head", help="target revision (default: head)")
     db.set_defaults(handler=_db)
 
-    from cv_assets.events_cli import add_events_parser
+    from cv_assets.cli.events import add_events_parser
 
     add_events_parser(sub)
     return parser
@@ -78,7 +78,7 @@ def _db(args) -> int:
 
 
 def _projects(args) -> int:
-    from cv_assets.analysis.manifest import discover_manifests
+    from cv_assets.manifest import discover_manifests
 
     settings = load_settings(args.config)
     good, bad = discover_manifests(settings.storage.projects_root)
@@ -96,7 +96,7 @@ def _projects(args) -> int:
 
 
 def _run_demo(args) -> int:
-    from cv_assets.pipeline import run_everything
+    from cv_assets.cli.run_demo import run_everything
 
     summary = run_everything(args.config)
     print(json.dumps(summary, indent=2, default=str) if args.json else summary.pop("text"))

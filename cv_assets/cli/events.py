@@ -1,7 +1,7 @@
 """`cv-assets events ...`: status, similar events, text search, import and backfill.
 
 The lead's `cv_assets/cli.py` mounts these with `add_events_parser(subparsers)`; the
-module also runs on its own (`python -m cv_assets.events_cli --help`) through `main()`.
+module also runs on its own (`python -m cv_assets.cli.events --help`) through `main()`.
 Every command takes `--json` for scripts (one JSON document on stdout; errors as
 {"error": ...}). Exit status: 0 success, 1 an error (unknown event, no embedding, bad
 input, or an import with rejected rows), 2 a usage error.
@@ -163,9 +163,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input or setup, reported as one line instead of a trace.
     The embedding package is only consulted when loaded (it imports torch, which
     `status` and `similar` never need)."""
-    from cv_assets.analysis.event_import import ImportFormatError
-    from cv_assets.analysis.events import BatchSizeError, EventNotFoundError
-    from cv_assets.analysis.similarity import NoEmbeddingError, TextSearchUnavailableError
+    from cv_assets.events.importer import ImportFormatError
+    from cv_assets.events.backfill import BatchSizeError, EventNotFoundError
+    from cv_assets.events.search import NoEmbeddingError, TextSearchUnavailableError
 
     errors: tuple[type[BaseException], ...] = (
         ConfigError, EventNotFoundError, NoEmbeddingError, TextSearchUnavailableError, ImportFormatError,
@@ -215,7 +215,7 @@ def _table(headers: list[str], rows: list[list]) -> list[str]:
 
 
 def _status(args, settings: Settings) -> int:
-    from cv_assets.analysis.events import event_status
+    from cv_assets.events.backfill import event_status
 
     status = event_status(_database(settings), args.event_id)
     lines = [f"event {status['event_id']}  camera {status['camera_id']}  started {status['started_at']}"]
@@ -247,7 +247,7 @@ def _matches_lines(matches) -> list[str]:
 
 
 def _similar(args, settings: Settings) -> int:
-    from cv_assets.analysis.similarity import similar_events
+    from cv_assets.events.search import similar_events
 
     events = settings.events
     result = similar_events(
@@ -264,7 +264,7 @@ def _similar(args, settings: Settings) -> int:
 
 
 def _search(args, settings: Settings) -> int:
-    from cv_assets.analysis.similarity import search_events_by_text
+    from cv_assets.events.search import search_events_by_text
 
     now_utc = datetime.now(timezone.utc).replace(tzinfo=None)  # events store naive UTC
     since = now_utc - timedelta(days=args.days) if args.days else None
@@ -287,7 +287,7 @@ def _progress_bar(**kwargs):
 def _import(args, settings: Settings) -> int:
     from pathlib import Path
 
-    from cv_assets.analysis.event_import import ImportFormatError, count_lines, import_events_file
+    from cv_assets.events.importer import ImportFormatError, count_lines, import_events_file
 
     path = Path(args.file)
     if not path.is_file():
@@ -308,7 +308,7 @@ def _import(args, settings: Settings) -> int:
 
 
 def _backfill(args, settings: Settings) -> int:
-    from cv_assets.analysis.events import (
+    from cv_assets.events.backfill import (
         count_events,
         count_remaining,
         remember_embedder_version,
@@ -344,7 +344,7 @@ def _backfill(args, settings: Settings) -> int:
 
 
 def _visitors(args, settings: Settings) -> int:
-    from cv_assets.analysis.visitors import list_recurring_visitors, update_recurring_visitors
+    from cv_assets.events.visitors import list_recurring_visitors, update_recurring_visitors
 
     events = settings.events
     db = _database(settings)

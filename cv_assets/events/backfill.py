@@ -27,7 +27,7 @@ import numpy as np
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from cv_assets.analysis.thumbnails import ThumbnailError, load_thumbnail_bytes
+from cv_assets.events.thumbnails import ThumbnailError, load_thumbnail_bytes
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.models import EmbeddingFailure, Event, EventEmbedding, utcnow
 

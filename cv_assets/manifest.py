@@ -36,7 +36,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AssetSpec(_Strict):
+class ReferenceAssetSpec(_Strict):
     code: str
     kind: Literal["character", "prop", "location"]
     name: str = Field(min_length=1)
@@ -59,7 +59,7 @@ class SceneSpec(_Strict):
 class ManifestSpec(_Strict):
     project: str
     name: str | None = None
-    assets: list[AssetSpec] = []
+    assets: list[ReferenceAssetSpec] = []
     scenes: list[SceneSpec] = Field(min_length=1)
 
     @field_validator("project")
@@ -98,7 +98,7 @@ class ProjectManifest:
     def clip_path(self, scene: SceneSpec) -> Path:
         return _inside(self.root, scene.clip)
 
-    def reference_path(self, asset: AssetSpec) -> Path:
+    def reference_path(self, asset: ReferenceAssetSpec) -> Path:
         return _inside(self.root, asset.reference_image)
 
 

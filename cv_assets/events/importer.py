@@ -23,8 +23,8 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from cv_assets.analysis.events import EVENTS
-from cv_assets.analysis.thumbnails import ThumbnailError, base64_text_limit, decode_base64_thumbnail, resolve_thumbnail_path
+from cv_assets.events.backfill import EVENTS
+from cv_assets.events.thumbnails import ThumbnailError, base64_text_limit, decode_base64_thumbnail, resolve_thumbnail_path
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.models import utcnow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dagster import DagsterInstance
 
-from cv_assets.analysis.manifest import discover_manifests
+from cv_assets.manifest import discover_manifests
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.settings import load_settings
 from cv_assets.store import AppDatabase
@@ -28,7 +28,7 @@ def _instance() -> DagsterInstance:
 
 
 def run_everything(config_path: str | None = None) -> dict:
-    from cv_assets.analysis.event_import import import_events_file
+    from cv_assets.events.importer import import_events_file
     from cv_assets.definitions import build_definitions
 
     settings = load_settings(config_path)

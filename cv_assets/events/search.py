@@ -39,7 +39,7 @@ import pandas as pd
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cv_assets.analysis.events import EMBEDDINGS, EVENTS, EventNotFoundError, cache_dir
+from cv_assets.events.backfill import EMBEDDINGS, EVENTS, EventNotFoundError, cache_dir
 from cv_assets.store.database import AppDatabase
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Security events: thumbnails, import, embedding backfill, vector search, recurring visitors (no Dagster)."""
