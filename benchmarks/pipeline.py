@@ -82,7 +82,7 @@ def run_in_process(config: Path) -> tuple[float, int]:
     from cv_assets.definitions import build_definitions
     from cv_assets.settings import load_settings
 
-    defs = build_definitions(load_settings(config), str(config))
+    defs = build_definitions(load_settings(config))
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("projects", ["demo"])
     started = time.perf_counter()

@@ -117,6 +117,7 @@ class ContinuitySettings(_Section):
 class EventsSettings(_Section):
     max_batch: int = Field(100, ge=1, le=100)
     backfill_cron: str = "*/15 * * * *"
+    visitor_recluster_cron: str = "0 3 * * *"  # nightly full re-grouping of recurring visitors
     similar_min_similarity: Fraction = 0.7
     similar_limit: int = Field(10, ge=1, le=1000)
     similar_days: int = Field(30, ge=1)

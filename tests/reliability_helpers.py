@@ -75,7 +75,7 @@ def make_store(root: Path, demo_root: Path | None, keys: tuple[str, ...] = ("dem
         copy_demo(demo_root, root, keys)
     path = write_config(root, **config)
     settings = load_settings(path, env={})
-    return Store(root, path, settings, build_definitions(settings, str(path)))
+    return Store(root, path, settings, build_definitions(settings))
 
 
 def step_events(result, step_key: str) -> list[str]:
@@ -282,7 +282,7 @@ def write_defs_file(path: Path, config: Path) -> Path:
     path.write_text(
         "from cv_assets.definitions import build_definitions\n"
         "from cv_assets.settings import load_settings\n"
-        f"defs = build_definitions(load_settings({str(config)!r}), {str(config)!r})\n"
+        f"defs = build_definitions(load_settings({str(config)!r}))\n"
     )
     return path
 
@@ -446,7 +446,7 @@ def _run_project(config: str, keys: list[str], tags: dict[str, str], go_file: st
     from cv_assets.settings import load_settings
 
     settings = load_settings(config)
-    defs = build_definitions(settings, config)
+    defs = build_definitions(settings)
     job = defs.resolve_job_def("project_reprocess_job")
     instance = DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else DagsterInstance.ephemeral()
     _wait_for_go(go_file)

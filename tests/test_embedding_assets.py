@@ -96,7 +96,7 @@ class World:
         result = materialize(
             [*EMBEDDING_ASSETS, *(EMBEDDING_CHECKS if checks else [])],
             partition_key=PROJECT,
-            resources=build_resources(settings, str(config_path or self.config_path)),
+            resources=build_resources(settings),
             instance=instance,
         )
         assert result.success
@@ -272,7 +272,7 @@ def test_missing_model_fails_the_asset_with_the_clear_message(world, settings_fa
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("projects", [PROJECT])
     result = materialize([reference_embeddings], partition_key=PROJECT, instance=instance,
-                         resources=build_resources(settings, str(config_path)), raise_on_error=False)
+                         resources=build_resources(settings), raise_on_error=False)
     assert not result.success
     [failure] = [e for e in result.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message

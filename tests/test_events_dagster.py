@@ -46,7 +46,7 @@ def fresh_indexes():
 def env(settings_factory):
     settings, config_path = settings_factory(events={"max_batch": 5, "max_attempts": 2, "visitor_min_events": 2})
     db = AppDatabase(settings.storage.sqlite_url)
-    return settings, build_resources(settings, str(config_path)), db
+    return settings, build_resources(settings), db
 
 
 def metadata_of(result, asset_name):
@@ -164,12 +164,12 @@ def test_schedule_notices_a_model_change_without_loading_the_model(settings_fact
     db = AppDatabase(settings.storage.sqlite_url)
     colour_events(db, ["red", "blue", "green"])
     instance = DagsterInstance.ephemeral()
-    model_a = build_resources(settings, str(config_path))
+    model_a = build_resources(settings)
     materialize([event_embeddings], resources=model_a, instance=instance)
     assert isinstance(tick_schedule(instance, model_a), SkipReason)
 
     settings_b, config_b = settings_factory(events={"max_batch": 2}, embedder={"model": str(tiny_clip_dir_b)})
-    model_b = build_resources(settings_b, str(config_b))
+    model_b = build_resources(settings_b)
     request = tick_schedule(instance, model_b)
     assert isinstance(request, RunRequest) and "has not run" in request.tags["reason"]
     runs = [metadata_of(materialize([event_embeddings], resources=model_b, instance=instance), "event_embeddings")]

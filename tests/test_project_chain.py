@@ -34,7 +34,7 @@ def demo_env(tmp_path_factory):
         "embedder": {"model": str(root / "no-such-model"), "fallback": "color_histogram", "device": "cpu"},
     }))
     settings = load_settings(cfg)
-    defs = build_definitions(settings, str(cfg))
+    defs = build_definitions(settings)
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("projects", ["demo"])
     job = defs.resolve_job_def("project_reprocess_job")

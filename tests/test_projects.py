@@ -42,7 +42,7 @@ def env(tmp_path):
         "frames_dir": "frames", "reports_dir": "reports", "thumbnails_root": "thumbs"}}))
     settings = load_settings(cfg)
     settings.storage.projects_root.mkdir()
-    resources = {"settings": SettingsResource(config_path=str(cfg)), "app_db": AppDatabaseResource(sqlite_url=settings.storage.sqlite_url)}
+    resources = {"settings": SettingsResource.from_settings(settings), "app_db": AppDatabaseResource(sqlite_url=settings.storage.sqlite_url)}
     return settings, resources
 
 

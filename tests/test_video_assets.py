@@ -37,7 +37,7 @@ def env(tmp_path):
     e.config, e.settings, e.db, e.root, e.instance = config, settings, db, root, instance
     e.warehouse = Warehouse(settings.storage.duckdb_path)
     e.run = lambda assets, key="p1", **kw: materialize(
-        assets, partition_key=key, resources=build_resources(settings, str(config)), instance=instance, **kw
+        assets, partition_key=key, resources=build_resources(settings), instance=instance, **kw
     )
     return e
 
@@ -169,7 +169,7 @@ def test_absolute_clip_paths_inside_the_project_are_accepted(env):
 
 def test_definitions_load_with_the_video_assets_and_check(env):
     defs = Definitions(
-        assets=VIDEO_ASSETS, asset_checks=VIDEO_CHECKS, resources=build_resources(env.settings, str(env.config))
+        assets=VIDEO_ASSETS, asset_checks=VIDEO_CHECKS, resources=build_resources(env.settings)
     )
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.materializable_asset_keys} == {"video_clips", "sampled_frames"}

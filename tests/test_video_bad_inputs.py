@@ -225,7 +225,7 @@ def test_project_with_bad_scenes_still_processes_the_good_ones(tmp_path):
         lambda: materialize(
             [*VIDEO_ASSETS, *VIDEO_CHECKS],
             partition_key="p1",
-            resources=build_resources(settings, str(config)),
+            resources=build_resources(settings),
             instance=instance,
         ),
         seconds=120,
@@ -282,7 +282,7 @@ def test_limits_from_the_config_apply_through_dagster(tmp_path):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("projects", ["p1"])
     result = materialize(
-        [*VIDEO_ASSETS, *VIDEO_CHECKS], partition_key="p1", resources=build_resources(settings, str(config)),
+        [*VIDEO_ASSETS, *VIDEO_CHECKS], partition_key="p1", resources=build_resources(settings),
         instance=instance,
     )
     assert result.success

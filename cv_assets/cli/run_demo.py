@@ -32,7 +32,7 @@ def run_everything(config_path: str | None = None) -> dict:
     from cv_assets.definitions import build_definitions
 
     settings = load_settings(config_path)
-    defs = build_definitions(settings, config_path)
+    defs = build_definitions(settings)
     instance = _instance()
     db = AppDatabase(settings.storage.sqlite_url)
     lines, summary = [], {"projects": {}, "events": {}, "ok": True}

@@ -62,13 +62,11 @@ from cv_assets.events.backfill import (
 )
 from cv_assets.events.visitors import update_recurring_visitors, visitors_table
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
-from cv_assets.settings import load_settings
+from cv_assets.settings import Settings
 
 PREVIEW_ROWS = 20
 TOP_ENTITIES = 10
 GIVEN_UP_PREVIEW = 20
-# Used until settings grow an `events.visitor_recluster_cron` key: 03:00 UTC, a quiet hour.
-NIGHTLY_RECLUSTER_CRON = "0 3 * * *"
 
 
 class EventEmbeddingConfig(Config):
@@ -222,57 +220,57 @@ recurring_visitors_job = define_asset_job(
     executor_def=in_process_executor,
 )
 
-_LOADED_SETTINGS = load_settings()  # read once, when Dagster loads the definitions
+def build_event_schedules(settings: Settings) -> list:
+    """The event schedules, with their crons from the settings the definitions are built from."""
 
-
-@schedule(
-    cron_schedule=_LOADED_SETTINGS.events.backfill_cron,
-    job=event_embedding_backfill_job,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Embeds event thumbnails batch by batch while any event lacks a vector.",
-)
-def event_embedding_backfill_schedule(
-    context: ScheduleEvaluationContext,
-    settings: SettingsResource,
-    app_db: AppDatabaseResource,
-    embedder: EmbedderResource,
-):
-    max_attempts = settings.load().events.max_attempts
-    db = app_db.get()
-    configured = embedder.settings()
-    version = known_embedder_version(db, configured)
-    with db.read() as session:
-        if version is None and db.path is None:  # no cache beside an in-memory database
-            version = latest_event_model_version(session)
-        if count_events(session) == 0:
-            return SkipReason("there are no events yet")
-        remaining = count_remaining(session, version, max_attempts) if version else None
-    if remaining == 0:
-        return SkipReason(f"every event has an embedding for {version} (or was given up)")
-    tick = context.scheduled_execution_time or datetime.now(timezone.utc)
-    tags = {"model_version": version or "unknown", "embedder_fingerprint": embedder_fingerprint(configured)}
-    if remaining is None:
-        tags["reason"] = "the configured embedder has not run on these events yet"
-    else:
-        tags["remaining_events"] = str(remaining)
-    return RunRequest(run_key=f"event_embeddings:{tick.isoformat()}", tags=tags)
-
-
-@schedule(
-    cron_schedule=getattr(_LOADED_SETTINGS.events, "visitor_recluster_cron", NIGHTLY_RECLUSTER_CRON),
-    job=recurring_visitors_job,
-    default_status=DefaultScheduleStatus.RUNNING,
-    description="Nightly full re-cluster of recurring visitors (fixes the drift of incremental grouping).",
-)
-def recurring_visitors_nightly_schedule(context: ScheduleEvaluationContext):
-    tick = context.scheduled_execution_time or datetime.now(timezone.utc)
-    return RunRequest(
-        run_key=f"recurring_visitors:{tick.isoformat()}",
-        run_config=RunConfig(ops={"recurring_visitors": RecurringVisitorsConfig(full_recluster=True)}),
+    @schedule(
+        cron_schedule=settings.events.backfill_cron,
+        job=event_embedding_backfill_job,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description="Embeds event thumbnails batch by batch while any event lacks a vector.",
     )
+    def event_embedding_backfill_schedule(
+        context: ScheduleEvaluationContext,
+        settings: SettingsResource,
+        app_db: AppDatabaseResource,
+        embedder: EmbedderResource,
+    ):
+        max_attempts = settings.load().events.max_attempts
+        db = app_db.get()
+        configured = embedder.settings()
+        version = known_embedder_version(db, configured)
+        with db.read() as session:
+            if version is None and db.path is None:  # no cache beside an in-memory database
+                version = latest_event_model_version(session)
+            if count_events(session) == 0:
+                return SkipReason("there are no events yet")
+            remaining = count_remaining(session, version, max_attempts) if version else None
+        if remaining == 0:
+            return SkipReason(f"every event has an embedding for {version} (or was given up)")
+        tick = context.scheduled_execution_time or datetime.now(timezone.utc)
+        tags = {"model_version": version or "unknown", "embedder_fingerprint": embedder_fingerprint(configured)}
+        if remaining is None:
+            tags["reason"] = "the configured embedder has not run on these events yet"
+        else:
+            tags["remaining_events"] = str(remaining)
+        return RunRequest(run_key=f"event_embeddings:{tick.isoformat()}", tags=tags)
 
+
+    @schedule(
+        cron_schedule=settings.events.visitor_recluster_cron,
+        job=recurring_visitors_job,
+        default_status=DefaultScheduleStatus.RUNNING,
+        description="Nightly full re-cluster of recurring visitors (fixes the drift of incremental grouping).",
+    )
+    def recurring_visitors_nightly_schedule(context: ScheduleEvaluationContext):
+        tick = context.scheduled_execution_time or datetime.now(timezone.utc)
+        return RunRequest(
+            run_key=f"recurring_visitors:{tick.isoformat()}",
+            run_config=RunConfig(ops={"recurring_visitors": RecurringVisitorsConfig(full_recluster=True)}),
+        )
+
+    return [event_embedding_backfill_schedule, recurring_visitors_nightly_schedule]
 
 EVENT_ASSETS = [event_embeddings, recurring_visitors]
 EVENT_CHECKS = [event_embeddings_not_given_up]
 EVENT_JOBS = [event_embedding_backfill_job, recurring_visitors_job]
-EVENT_SCHEDULES = [event_embedding_backfill_schedule, recurring_visitors_nightly_schedule]

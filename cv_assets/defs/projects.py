@@ -16,7 +16,7 @@ from dagster import (
     SkipReason,
     asset,
     define_asset_job,
-    in_process_executor,
+    multi_or_in_process_executor,
     sensor,
 )
 
@@ -82,8 +82,11 @@ project_reprocess_job = define_asset_job(
     "project_reprocess_job",
     selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
     partitions_def=projects_partitions,
-    # One process per run: the model loads once and frames pass in memory between steps.
-    executor_def=in_process_executor,
+    # Every step stands on its own (it reads what the step before persisted), so any executor
+    # gives the same rows. In-process is the default: the model loads once per run. Choose
+    # `multiprocess` in the launchpad (or one pod per step at scale) to spread the steps.
+    executor_def=multi_or_in_process_executor,
+    config={"execution": {"config": {"in_process": {}}}},
     tags={"dagster/max_runtime": PROJECT_RUN_MAX_RUNTIME_SEC},
     description="Materialise the whole chain for one project partition (manifest to report).",
 )

@@ -1,19 +1,31 @@
-"""Dagster resources: thin, configurable handles on the plain store and embedding objects."""
+"""Dagster resources: thin, configurable handles on the plain store and embedding objects,
+all built from one `Settings` object (config.yaml is read once, by `build_definitions`)."""
 
+import functools
 
 from dagster import ConfigurableResource
 
-from cv_assets.settings import EmbedderSettings, Settings, load_settings
+from cv_assets.settings import EmbedderSettings, Settings
 from cv_assets.store import AppDatabase, Warehouse
 
 
-class SettingsResource(ConfigurableResource):
-    """Thresholds and paths from config.yaml (or `config_path`), validated by pydantic."""
+@functools.lru_cache(maxsize=8)
+def _parse_settings(settings_json: str) -> Settings:
+    return Settings.model_validate_json(settings_json)
 
-    config_path: str | None = None
+
+class SettingsResource(ConfigurableResource):
+    """Thresholds and paths, validated when the definitions were built (JSON of `Settings`)."""
+
+    settings_json: str
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "SettingsResource":
+        return cls(settings_json=settings.model_dump_json())
 
     def load(self) -> Settings:
-        return load_settings(self.config_path)
+        return _parse_settings(self.settings_json)
+
 
 class AppDatabaseResource(ConfigurableResource):
     """The SQLite application database (migrated on first use)."""
@@ -23,6 +35,7 @@ class AppDatabaseResource(ConfigurableResource):
     def get(self) -> AppDatabase:
         return AppDatabase(self.sqlite_url)
 
+
 class WarehouseResource(ConfigurableResource):
     """The DuckDB warehouse; every access is a short locked transaction."""
 
@@ -30,6 +43,7 @@ class WarehouseResource(ConfigurableResource):
 
     def get(self) -> Warehouse:
         return Warehouse(self.duckdb_path)
+
 
 class EmbedderResource(ConfigurableResource):
     """The image/text embedder, loaded lazily once per process and shared by all assets of a run."""
@@ -42,6 +56,10 @@ class EmbedderResource(ConfigurableResource):
     cache_dir: str | None = None
     fallback: str = "none"
 
+    @classmethod
+    def from_settings(cls, embedder: EmbedderSettings) -> "EmbedderResource":
+        return cls(**embedder.model_dump(mode="json"))
+
     def settings(self) -> EmbedderSettings:
         return EmbedderSettings.model_validate(self.model_dump())
 
@@ -50,20 +68,12 @@ class EmbedderResource(ConfigurableResource):
 
         return get_embedder(self.settings())
 
-def build_resources(settings: Settings, config_path: str | None = None) -> dict:
-    """All resources for one configuration; tests call this with a temp config."""
-    emb = settings.embedder
+
+def build_resources(settings: Settings) -> dict:
+    """All resources for one configuration; tests call this with their own settings."""
     return {
-        "settings": SettingsResource(config_path=config_path),
+        "settings": SettingsResource.from_settings(settings),
         "app_db": AppDatabaseResource(sqlite_url=settings.storage.sqlite_url),
         "warehouse": WarehouseResource(duckdb_path=str(settings.storage.duckdb_path)),
-        "embedder": EmbedderResource(
-            model=emb.model,
-            revision=emb.revision,
-            device=emb.device,
-            batch_size=emb.batch_size,
-            local_files_only=emb.local_files_only,
-            cache_dir=str(emb.cache_dir) if emb.cache_dir else None,
-            fallback=emb.fallback,
-        ),
+        "embedder": EmbedderResource.from_settings(settings.embedder),
     }
