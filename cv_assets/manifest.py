@@ -10,12 +10,18 @@ Format (paths relative to the project folder):
       - {index: 0, clip: clips/scene_00.mp4, expected_assets: [CHAR_01]}
 
 Validation reports every bad field at once, each named by its path in the file.
+
+A project's key is its folder name: `project:` must equal it. The key then belongs to the
+folder that registered it first (recorded in SQLite, see `store.projects`): another folder
+declaring it is invalid and never touches the registered project's rows.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,13 +29,27 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cv_assets.text import printable
+
 MANIFEST_NAME = "project.yaml"
 PROJECT_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 ASSET_CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 
 
+# libyaml's parser when available: several times faster on a large manifest.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class ManifestError(ValueError):
-    """A manifest that cannot be used; the message names the file and every bad field."""
+    """A manifest that cannot be used; the message names the file and every bad field.
+    Control characters from folder names, keys or values are escaped in the message."""
+
+    def __init__(self, message: str):
+        super().__init__(printable(message).replace("\n", "\\n").replace("\t", "\\t"))
+
+
+class ProjectKeyConflict(ManifestError):
+    """A folder declares a project key that another folder registered first."""
 
 
 class _Strict(BaseModel):
@@ -102,22 +122,35 @@ class ProjectManifest:
         return _inside(self.root, asset.reference_image)
 
 
-def load_manifest(project_dir: Path) -> ProjectManifest:
-    """Parse and validate `project_dir/project.yaml`; raise ManifestError naming each bad field."""
+@dataclass(frozen=True)
+class ManifestLimits:
+    """Caps checked before a manifest is parsed. The functions below take this or any object
+    with the same two attributes (the `manifests` section of the settings)."""
+
+    max_bytes: int = 1024 * 1024
+    max_scenes: int = 10_000
+
+
+def load_manifest(project_dir: Path, limits: ManifestLimits | None = None) -> ProjectManifest:
+    """Parse and validate `project_dir/project.yaml`; raise ManifestError naming each bad field.
+
+    The project key must equal the folder name (one folder, one key), the file must be a
+    regular file inside the folder, and it must fit `limits` (size read from stat, then
+    read with a cap; the scene count checked before the schema is validated)."""
+    limits = limits or ManifestLimits()
     path = Path(project_dir) / MANIFEST_NAME
-    try:
-        raw_bytes = path.read_bytes()
-        data = yaml.safe_load(raw_bytes)
-    except FileNotFoundError:
-        raise ManifestError(f"{path}: no {MANIFEST_NAME} in this project folder") from None
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a mapping with project, assets and scenes")
+    raw_bytes = _read_capped(path, Path(project_dir), limits)
+    data = _parse_yaml(path, raw_bytes, limits)
     try:
         spec = ManifestSpec.model_validate(data)
     except ValidationError as exc:
         raise ManifestError(f"{path}: " + "; ".join(_field_errors(exc))) from None
+    folder_name = Path(project_dir).name
+    if spec.project != folder_name:
+        raise ManifestError(
+            f"{path}: project key {spec.project!r} differs from its folder name {folder_name!r}; "
+            f"a project's key is its folder name (rename the folder or set `project: {folder_name}`)"
+        )
     root = Path(project_dir).resolve()
     problems = _missing_files(root, spec)
     if problems:
@@ -126,25 +159,129 @@ def load_manifest(project_dir: Path) -> ProjectManifest:
     return ProjectManifest(manifest.key, manifest.name, root, spec, _content_hash(raw_bytes, manifest))
 
 
-def discover_manifests(projects_root: Path) -> tuple[list[ProjectManifest], dict[str, str]]:
-    """Every project folder under `projects_root`: the valid manifests and, per bad folder, why."""
+def discover_manifests(
+    projects_root: Path, limits: ManifestLimits | None = None
+) -> tuple[list[ProjectManifest], dict[str, str]]:
+    """Every project folder under `projects_root` (a folder holding a `project.yaml` entry of
+    any kind): the valid manifests and, per bad folder, why. Each folder is loaded on its
+    own, within `limits`, so one bad or large project never holds up the others."""
     good: list[ProjectManifest] = []
     bad: dict[str, str] = {}
     if not Path(projects_root).is_dir():
         return good, bad
-    seen: dict[str, Path] = {}
-    for folder in sorted(p for p in Path(projects_root).iterdir() if (p / MANIFEST_NAME).is_file()):
+    for folder in sorted(p for p in Path(projects_root).iterdir() if _has_manifest_entry(p)):
         try:
-            manifest = load_manifest(folder)
+            good.append(load_manifest(folder, limits))
         except ManifestError as exc:
-            bad[folder.name] = str(exc)
-            continue
-        if manifest.key in seen:
-            bad[folder.name] = f"{folder / MANIFEST_NAME}: project key {manifest.key!r} already used by {seen[manifest.key]}"
-            continue
-        seen[manifest.key] = folder
-        good.append(manifest)
+            bad[printable(folder.name)] = str(exc)
     return good, bad
+
+
+def _has_manifest_entry(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and os.path.lexists(folder / MANIFEST_NAME)
+    except OSError:
+        return False
+
+
+def _read_capped(path: Path, project_dir: Path, limits: ManifestLimits) -> bytes:
+    """The manifest's bytes: a regular file inside its folder, at most `limits.max_bytes`.
+    Never opens a FIFO or device (that could block) and never reads a file outside the
+    folder (its contents must not reach an error message)."""
+    try:
+        resolved = path.resolve()
+        info = os.stat(resolved)
+    except FileNotFoundError:
+        detail = " (a symlink whose target does not exist)" if path.is_symlink() else ""
+        raise ManifestError(f"{path}: no {MANIFEST_NAME} in this project folder{detail}") from None
+    except (OSError, RuntimeError) as exc:
+        raise ManifestError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    if not resolved.is_relative_to(Path(project_dir).resolve()):
+        raise ManifestError(f"{path}: is a symlink to {resolved}, outside the project folder; refused unread")
+    if not stat.S_ISREG(info.st_mode):
+        raise ManifestError(f"{path}: is {_file_kind(info.st_mode)}, not a regular file; refused unread")
+    if info.st_size > limits.max_bytes:
+        raise ManifestError(_too_big(path, info.st_size, limits))
+    try:
+        # O_NONBLOCK: should the file be swapped for a FIFO after the stat, open never blocks.
+        fd = os.open(resolved, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ManifestError(f"{path}: is not a regular file; refused unread")
+            data = handle.read(limits.max_bytes + 1)
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > limits.max_bytes:  # grew after the stat
+        raise ManifestError(_too_big(path, len(data), limits))
+    return data
+
+
+def _too_big(path: Path, size: int, limits: ManifestLimits) -> str:
+    return (f"{path}: {size} bytes, above the limit manifests.max_bytes={limits.max_bytes}; "
+            "split the project or raise the limit")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _parse_yaml(path: Path, raw_bytes: bytes, limits: ManifestLimits) -> dict:
+    """The YAML mapping, its scene count and its alias-expanded size checked before the schema."""
+    try:
+        data = yaml.load(raw_bytes, Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ManifestError(f"{path}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{path}: expected a mapping with project, assets and scenes")
+    scenes = data.get("scenes")
+    if isinstance(scenes, list) and len(scenes) > limits.max_scenes:
+        raise ManifestError(
+            f"{path}: {len(scenes)} scenes, above the limit manifests.max_scenes={limits.max_scenes}"
+        )
+    if _expanded_size(data, limit=limits.max_bytes) > limits.max_bytes:
+        raise ManifestError(
+            f"{path}: YAML aliases expand to more than {limits.max_bytes} values "
+            f"(the limit manifests.max_bytes applies to the expanded document)"
+        )
+    return data
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: the problem and where, without quoting the file's text."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+
+
+def _expanded_size(root: object, limit: int) -> int:
+    """Number of values in the document with every alias expanded, counted without expanding
+    (each shared node is sized once); stops counting past `limit`."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if not isinstance(node, (dict, list)) or id(node) in sizes:
+            continue
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        if children_done:
+            total = 1 + sum(sizes.get(id(c), 1) if isinstance(c, (dict, list)) else 1 for c in children)
+            sizes[id(node)] = min(total, limit + 1)
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if isinstance(c, (dict, list)) and id(c) not in sizes)
+    return sizes.get(id(root), 1)
 
 
 def _field_errors(exc: ValidationError) -> list[str]:

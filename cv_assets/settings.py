@@ -18,13 +18,31 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "CV_ASSETS_CONFIG"
 ENV_PREFIX = "CV_ASSETS__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def _valid_cron(value: str) -> str:
+    """A cron expression Dagster accepts, checked when the config loads rather than when the
+    schedule is built. The defaults are known good (no Dagster import for them)."""
+    if value in _KNOWN_CRONS:
+        return value
+    from dagster import ScheduleDefinition
+
+    try:
+        ScheduleDefinition(name="config_check", cron_schedule=value, job_name="config_check")
+    except Exception:
+        raise ValueError("not a cron expression Dagster accepts (five fields, e.g. '*/15 * * * *')") from None
+    return value
+
+
+_KNOWN_CRONS = {"*/15 * * * *", "0 3 * * *"}
+Cron = Annotated[str, AfterValidator(_valid_cron)]
 
 
 class ConfigError(ValueError):
@@ -54,13 +72,30 @@ class StorageSettings(_Section):
         return value
 
 
+class ManifestSettings(_Section):
+    """Caps on one project.yaml, checked before it is parsed, so one huge manifest can
+    neither exhaust memory nor hold up the sensor tick or the other projects."""
+
+    max_bytes: int = Field(1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    max_scenes: int = Field(10_000, ge=1, le=1_000_000)
+
+
 class EmbedderSettings(_Section):
     model: str = "openai/clip-vit-base-patch32"
     revision: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Who runs the model and in what number format; `model_version` (the vector space) is the
+    # same for all of them. auto: CUDA -> torch fp16; CPU -> OpenVINO when installed, bf16 where
+    # the processor has bf16 instructions, else fp32 (see embedding/runtime.py).
+    backend: Literal["auto", "torch", "openvino"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     batch_size: int = Field(32, ge=1, le=1024)
+    cuda_batch_size: int = Field(256, ge=1, le=4096)  # a GPU needs large batches to be busy
     local_files_only: bool = True
     cache_dir: Path | None = None
+    # Converted OpenVINO models, keyed by weights hash + backend + precision (default:
+    # <HF_HOME>/cv_assets/openvino).
+    compiled_cache_dir: Path | None = None
     # Explicit opt-in for air-gapped demos: when the CLIP weights cannot be loaded,
     # use this non-CLIP embedder instead. Its vectors carry their own model_version.
     fallback: Literal["none", "color_histogram"] = "none"
@@ -105,9 +140,16 @@ class AppearanceSettings(_Section):
 
 
 class ContinuityWeights(_Section):
-    adherence: float = Field(0.5, ge=0.0)
-    identity: float = Field(0.3, ge=0.0)
-    boundary: float = Field(0.2, ge=0.0)
+    # allow_inf_nan=False: `.inf` or `.nan` is refused here, not later as a NULL score in DuckDB.
+    adherence: float = Field(0.5, ge=0.0, allow_inf_nan=False)
+    identity: float = Field(0.3, ge=0.0, allow_inf_nan=False)
+    boundary: float = Field(0.2, ge=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> "ContinuityWeights":
+        if self.adherence + self.identity + self.boundary <= 0:
+            raise ValueError("at least one of adherence, identity, boundary must be above 0")
+        return self
 
 
 class ContinuitySettings(_Section):
@@ -116,19 +158,28 @@ class ContinuitySettings(_Section):
 
 class EventsSettings(_Section):
     max_batch: int = Field(100, ge=1, le=100)
-    backfill_cron: str = "*/15 * * * *"
-    visitor_recluster_cron: str = "0 3 * * *"  # nightly full re-grouping of recurring visitors
+    backfill_cron: Cron = "*/15 * * * *"
+    visitor_recluster_cron: Cron = "0 3 * * *"  # nightly full re-grouping of recurring visitors
     similar_min_similarity: Fraction = 0.7
     similar_limit: int = Field(10, ge=1, le=1000)
     similar_days: int = Field(30, ge=1)
     max_attempts: int = Field(3, ge=1, le=100)
     thumbnail_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Decoding is refused above this many pixels (read from the image header): 16 Mpx is
+    # 64 MB of RGBA, while CLIP looks at 224 x 224.
+    thumbnail_max_pixels: int = Field(16_000_000, ge=224 * 224)
+    # Import limits per JSONL line / CSV row: longer lines, deeper nesting and longer
+    # fields are rejected (with the line number) and the import goes on.
+    import_max_line_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    import_max_depth: int = Field(8, ge=2, le=1000)
+    import_max_field_chars: int = Field(4096, ge=64)
     visitor_similarity_threshold: Fraction = 0.75
     visitor_min_events: int = Field(3, ge=1)
 
 
 class Settings(_Section):
     storage: StorageSettings = StorageSettings()
+    manifests: ManifestSettings = ManifestSettings()
     embedder: EmbedderSettings = EmbedderSettings()
     sampling: SamplingSettings = SamplingSettings()
     cv_analysis: CvAnalysisSettings = CvAnalysisSettings()
@@ -201,7 +252,7 @@ def _describe(exc: ValidationError, path: Path, origins: dict[str, str] | None =
         if err["type"] == "extra_forbidden":
             line = f"{key}: unknown key"
         else:
-            line = f"{key}: {err['msg']} (got {err.get('input')!r})"
+            line = f"{key}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
         source = next((var for dotted, var in origins.items() if _related(key, dotted)), None)
         lines.append(f"{line} (from environment variable {source})" if source else line)
     return f"invalid configuration in {path}:\n  " + "\n  ".join(lines)

@@ -148,12 +148,14 @@ def test_sensor_removes_assets_and_scenes_dropped_from_the_manifest(env):
         assert [x.scene_index for x in s.scalars(select(SceneManifest))] == [0]
 
 
-def test_sensor_requests_a_new_run_when_the_embedder_changes(env, tmp_path, monkeypatch):
+def test_sensor_requests_a_new_run_when_the_embedder_changes(env, tmp_path):
     settings, resources = env
     write_project(settings.storage.projects_root, "delta")
     instance = DagsterInstance.ephemeral()
     before = _tick(instance, resources).run_requests[0].run_key
     assert _tick(instance, resources).run_requests[0].run_key == before
-    monkeypatch.setenv("CV_ASSETS__EMBEDDER__MODEL", str(tmp_path / "another-model"))
-    after = _tick(instance, resources).run_requests[0].run_key
+    # The code location is rebuilt from the new config (config is read once, by build_definitions).
+    switched = settings.model_copy(deep=True)
+    switched.embedder.model = str(tmp_path / "another-model")
+    after = _tick(instance, {**resources, "settings": SettingsResource.from_settings(switched)}).run_requests[0].run_key
     assert after != before and after.split(":")[:2] == before.split(":")[:2]

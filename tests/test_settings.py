@@ -172,7 +172,7 @@ def test_nested_values_are_validated(tmp_path):
 
 def test_non_sqlite_url_is_rejected(tmp_path):
     message = load_error(write_config(tmp_path, "storage: {sqlite_url: 'postgresql://x/y'}\n"))
-    assert "storage.sqlite_url: Value error, must be a sqlite:/// URL (got 'postgresql://x/y')" in message
+    assert "storage.sqlite_url: must be a sqlite:/// URL (got 'postgresql://x/y')" in message
 
 
 # --- environment overrides ----------------------------------------------------------

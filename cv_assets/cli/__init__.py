@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from cv_assets.settings import ConfigError, load_settings
+from cv_assets.settings import CONFIG_ENV, ConfigError, load_settings
+from cv_assets.text import printable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +51,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.config:
+        # --config wins over $CV_ASSETS_CONFIG for everything this process (and any step
+        # process it starts) loads, including cv_assets.definitions at import.
+        os.environ[CONFIG_ENV] = str(Path(args.config).expanduser().resolve())
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
+    except _setup_errors() as exc:
+        return _fail(exc, 1)
+
+
+def _setup_errors() -> tuple[type[BaseException], ...]:
+    """Errors of the user's setup (an unwritable or damaged store): one line, no traceback."""
+    from cv_assets.store.database import DatabaseUnavailableError
+    from cv_assets.store.warehouse import WarehouseError
+
+    return DatabaseUnavailableError, WarehouseError
+
+
+def _fail(exc: BaseException, status: int) -> int:
+    print(f"error: {printable(exc)}", file=sys.stderr)
+    return status
 
 
 def _demo_data(args) -> int:
@@ -73,7 +93,7 @@ def _db(args) -> int:
     db = AppDatabase(settings.storage.sqlite_url, migrate=False)
     if args.action == "upgrade":
         db.upgrade(args.revision)
-    print(f"{settings.storage.sqlite_url}: revision {db.current_revision()}")
+    print(f"{printable(settings.storage.sqlite_url)}: revision {db.current_revision()}")
     return 0
 
 
@@ -81,24 +101,46 @@ def _projects(args) -> int:
     from cv_assets.manifest import discover_manifests
 
     settings = load_settings(args.config)
-    good, bad = discover_manifests(settings.storage.projects_root)
+    root = settings.storage.projects_root
+    good, bad = discover_manifests(root, settings.manifests)
+    good, taken = _check_owners(settings, good)
+    bad.update(taken)
     if args.json:
         print(json.dumps({"valid": [{"key": m.key, "scenes": len(m.spec.scenes), "assets": len(m.spec.assets),
                                      "hash": m.content_hash} for m in good], "invalid": bad}, indent=2))
     else:
         for m in good:
-            print(f"ok       {m.key:<20} {len(m.spec.scenes)} scenes, {len(m.spec.assets)} assets  ({m.root})")
+            print(f"ok       {m.key:<20} {len(m.spec.scenes)} scenes, {len(m.spec.assets)} assets  ({printable(m.root)})")
         for folder, reason in bad.items():
-            print(f"INVALID  {folder:<20} {reason}")
+            print(f"INVALID  {printable(folder):<20} {printable(reason)}")
         if not good and not bad:
-            print(f"no project folders under {settings.storage.projects_root}")
+            print(f"no project folders under {printable(root)}")
     return 1 if (args.action == "validate" and bad) else 0
 
 
-def _run_demo(args) -> int:
-    from cv_assets.cli.run_demo import run_everything
+def _check_owners(settings, manifests):
+    """Keys registered to another folder are invalid here too, as in the sensor and run-demo.
+    Reads the application database only when it exists (validate never creates it)."""
+    from cv_assets.store import AppDatabase
+    from cv_assets.store.projects import check_owners
 
-    summary = run_everything(args.config)
+    db = AppDatabase(settings.storage.sqlite_url, migrate=False)
+    if db.path is None or not db.path.is_file():
+        return manifests, {}
+    try:
+        return check_owners(db, manifests)
+    finally:
+        db.dispose()
+
+
+def _run_demo(args) -> int:
+    from cv_assets.cli.run_demo import Interrupted, run_everything
+
+    try:
+        summary = run_everything(args.config)
+    except Interrupted as exc:
+        print(f"interrupted: {printable(exc)}", file=sys.stderr)
+        return exc.exit_status
     print(json.dumps(summary, indent=2, default=str) if args.json else summary.pop("text"))
     return 0 if summary.get("ok", True) else 1
 

@@ -18,6 +18,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cv_assets.store.locks import file_lock
@@ -30,6 +31,11 @@ BUSY_TIMEOUT_MS = 30_000
 # databases are never cached (each engine has its own).
 _migrated: set[tuple[str, int, int]] = set()
 _migrate_guard = threading.Lock()
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The application database cannot be opened or migrated (a read-only or missing
+    location, a file that is not SQLite); the message names the file and the reason."""
 
 
 class AppDatabase:
@@ -53,11 +59,13 @@ class AppDatabase:
             if revision == "head" and self._migration_key() in _migrated:
                 return
             lock_target = self.path.with_suffix(self.path.suffix + ".migrate.lock") if self.path else None
-            with file_lock(lock_target):
-                with self.engine.begin() as conn:
+            try:
+                with file_lock(lock_target), self.engine.begin() as conn:
                     cfg = _alembic_config(self.url)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, revision)
+            except (OSError, DatabaseError) as exc:
+                raise self.unavailable("cannot migrate", exc) from None
             key = self._migration_key()
             if revision == "head" and key is not None:
                 _migrated.add(key)
@@ -70,8 +78,19 @@ class AppDatabase:
         return (self.url, stat.st_dev, stat.st_ino)
 
     def current_revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except DatabaseError as exc:
+            raise self.unavailable("cannot read", exc) from None
+
+    def unavailable(self, action: str, exc: BaseException) -> DatabaseUnavailableError:
+        reason = getattr(exc, "orig", None) or getattr(exc, "strerror", None) or exc
+        where = self.path or self.url
+        return DatabaseUnavailableError(
+            f"{action} the application database {where}: {reason}. Check that the folder and the "
+            "file are writable by this user, or point storage.sqlite_url at a writable location"
+        )
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -105,7 +124,13 @@ def _alembic_config(url: str) -> Config:
 def _make_engine(url: str) -> Engine:
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
     if path and ":memory:" not in path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnavailableError(
+                f"cannot create the folder of the application database {path}: {exc.strerror or exc}. "
+                "Point storage.sqlite_url at a writable location"
+            ) from None
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
     @event.listens_for(engine, "connect")

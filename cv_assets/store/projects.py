@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy import delete, select
+from sqlalchemy.exc import OperationalError
 
-from cv_assets.manifest import ProjectManifest
+from cv_assets.manifest import ProjectKeyConflict, ProjectManifest
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.models import Asset, Project, SceneManifest
 
@@ -29,6 +30,7 @@ def upsert_project(db: AppDatabase, manifest: ProjectManifest) -> SyncResult:
     """
     with db.write() as session:
         project = session.scalar(select(Project).where(Project.key == manifest.key))
+        _check_owner(project, manifest)
         changed = project is None or project.manifest_hash != manifest.content_hash
         if project is None:
             project = Project(key=manifest.key, name=manifest.name, root_path=str(manifest.root))
@@ -38,6 +40,47 @@ def upsert_project(db: AppDatabase, manifest: ProjectManifest) -> SyncResult:
         _sync_assets(session, project, manifest)
         _sync_scenes(session, project, manifest)
         return SyncResult(project.id, changed, len(manifest.spec.assets), len(manifest.spec.scenes))
+
+
+def _check_owner(project: Project | None, manifest: ProjectManifest) -> None:
+    """A key belongs to the folder that registered it first: another folder declaring it
+    (a second projects_root, a copied or moved folder) must never overwrite its rows."""
+    if project is not None and project.root_path != str(manifest.root):
+        raise ProjectKeyConflict(
+            f"{manifest.root}/project.yaml: project key {manifest.key!r} is registered to the folder "
+            f"{project.root_path}, not {manifest.root}; its rows are left untouched. Give this project "
+            f"another key (and folder name), or move it back to {project.root_path}"
+        )
+
+
+def check_owners(db: AppDatabase, manifests: list[ProjectManifest]) -> tuple[list[ProjectManifest], dict[str, str]]:
+    """Split `manifests` into those whose key is free or registered to their own folder, and
+    (per key) why the others conflict. Reads only; `upsert_project` checks again in its write."""
+    owners = registered_folders(db)
+    good, bad = [], {}
+    for manifest in manifests:
+        try:
+            _check_owner(_Owner(owners[manifest.key]) if manifest.key in owners else None, manifest)
+            good.append(manifest)
+        except ProjectKeyConflict as exc:
+            bad[manifest.key] = str(exc)
+    return good, bad
+
+
+@dataclass(frozen=True)
+class _Owner:
+    root_path: str
+
+
+def registered_folders(db: AppDatabase) -> dict[str, str]:
+    """{project key: folder that registered it}; empty for a database not yet migrated."""
+    try:
+        with db.read() as session:
+            return dict(session.execute(select(Project.key, Project.root_path)).tuples().all())
+    except OperationalError as exc:
+        if "no such table" in str(exc):
+            return {}
+        raise db.unavailable("cannot read", exc) from None
 
 
 def _sync_assets(session, project: Project, manifest: ProjectManifest) -> None:

@@ -74,6 +74,7 @@ class ClipDecoder:
         self._time_base: tuple[int, int] | None = None
 
     def __enter__(self) -> "ClipDecoder":
+        self._check_y4m_header()
         self._container = self._open()
         try:
             self._stream = self._video_stream()
@@ -108,6 +109,13 @@ class ClipDecoder:
             )
         except av.error.FFmpegError as exc:
             raise VideoInputError(self.label, f"cannot open as video: {_diagnose_unopenable(self.path, exc)}") from None
+
+    def _check_y4m_header(self) -> None:
+        """FFmpeg refuses an absurd y4m size with a bare EBUSY ("Device or resource busy"):
+        read the declared size first, so the error names the limit."""
+        width, height = _y4m_declared_size(self.path)
+        if width or height:
+            self._check_size(width, height, "declared")
 
     def _video_stream(self):
         streams = [s for s in self._container.streams.video if not (s.disposition & Disposition.attached_pic)]
@@ -263,6 +271,25 @@ class ClipDecoder:
         tolerance = 2.0 / self.header.fps if self.header.fps else 0.1
         missing = declared - decoded
         return missing if missing > tolerance else None
+
+
+def _y4m_declared_size(path: Path) -> tuple[int | None, int | None]:
+    """(W, H) from a YUV4MPEG2 stream header, or (None, None) for any other file."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(256)
+    except OSError:
+        return None, None
+    if not head.startswith(b"YUV4MPEG2 "):
+        return None, None
+    fields = {token[:1]: token[1:] for token in head.split(b"\n", 1)[0].split(b" ")[1:] if token}
+    return _y4m_int(fields.get(b"W")), _y4m_int(fields.get(b"H"))
+
+
+def _y4m_int(value: bytes | None) -> int | None:
+    if not value or not value.isdigit():
+        return None
+    return int(value[:18])  # 18 digits already far above any limit; no huge-int parsing
 
 
 def _positive(rate) -> float | None:
