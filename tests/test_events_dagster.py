@@ -22,11 +22,9 @@ from cv_assets.defs.events import (
     EVENT_ASSETS,
     EVENT_CHECKS,
     EVENT_JOBS,
-    EVENT_SCHEDULES,
-    event_embedding_backfill_schedule,
+    build_event_schedules,
     event_embeddings,
     recurring_visitors,
-    recurring_visitors_nightly_schedule,
 )
 from cv_assets.defs.resources import build_resources
 from cv_assets.store import AppDatabase
@@ -47,6 +45,10 @@ def env(settings_factory):
     settings, config_path = settings_factory(events={"max_batch": 5, "max_attempts": 2, "visitor_min_events": 2})
     db = AppDatabase(settings.storage.sqlite_url)
     return settings, build_resources(settings), db
+
+
+def schedules_of(settings) -> dict:
+    return {s.name: s for s in build_event_schedules(settings)}
 
 
 def metadata_of(result, asset_name):
@@ -129,33 +131,33 @@ def test_refused_run_configs(env, config, message):
     assert count(db, EventEmbedding) == 0
 
 
-def tick_schedule(instance, resources, when=TICK):
+def tick_schedule(instance, settings, resources, when=TICK):
     context = build_schedule_context(instance=instance, scheduled_execution_time=when, resources=resources)
-    return event_embedding_backfill_schedule(context)
+    return schedules_of(settings)["event_embedding_backfill_schedule"](context)
 
 
 def test_backfill_schedule_requests_runs_while_events_remain(env):
-    _, resources, db = env
+    settings, resources, db = env
     instance = DagsterInstance.ephemeral()
 
-    skip = tick_schedule(instance, resources)
+    skip = tick_schedule(instance, settings, resources)
     assert isinstance(skip, SkipReason) and "no events" in skip.skip_message
     colour_events(db, ["red", "blue"])
     add_events(db, [{"id": "broken", "camera_id": "c", "started_at": T0, "thumbnail_base64": "%"}])
-    request = tick_schedule(instance, resources)
+    request = tick_schedule(instance, settings, resources)
     assert isinstance(request, RunRequest)
     assert request.run_key == f"event_embeddings:{TICK.isoformat()}"
     assert "has not run" in request.tags["reason"]  # the embedder's version is not known yet
-    assert tick_schedule(instance, resources).run_key == request.run_key  # a re-tick asks for the same run
-    assert tick_schedule(instance, resources, TICK + timedelta(minutes=15)).run_key != request.run_key
+    assert tick_schedule(instance, settings, resources).run_key == request.run_key  # a re-tick asks for the same run
+    assert tick_schedule(instance, settings, resources, TICK + timedelta(minutes=15)).run_key != request.run_key
 
     first = materialize([event_embeddings], resources=resources, instance=instance)
     version = metadata_of(first, "event_embeddings")["model_version"]
-    request = tick_schedule(instance, resources)
+    request = tick_schedule(instance, settings, resources)
     assert isinstance(request, RunRequest) and request.tags["remaining_events"] == "1"  # broken: attempt 1 of 2
     assert request.tags["model_version"] == version
     materialize([event_embeddings], resources=resources, instance=instance)
-    skip = tick_schedule(instance, resources)
+    skip = tick_schedule(instance, settings, resources)
     assert isinstance(skip, SkipReason) and f"every event has an embedding for {version}" in skip.skip_message
 
 
@@ -166,15 +168,15 @@ def test_schedule_notices_a_model_change_without_loading_the_model(settings_fact
     instance = DagsterInstance.ephemeral()
     model_a = build_resources(settings)
     materialize([event_embeddings], resources=model_a, instance=instance)
-    assert isinstance(tick_schedule(instance, model_a), SkipReason)
+    assert isinstance(tick_schedule(instance, settings, model_a), SkipReason)
 
     settings_b, config_b = settings_factory(events={"max_batch": 2}, embedder={"model": str(tiny_clip_dir_b)})
     model_b = build_resources(settings_b)
-    request = tick_schedule(instance, model_b)
+    request = tick_schedule(instance, settings_b, model_b)
     assert isinstance(request, RunRequest) and "has not run" in request.tags["reason"]
     runs = [metadata_of(materialize([event_embeddings], resources=model_b, instance=instance), "event_embeddings")]
     version_b = runs[0]["model_version"]
-    while isinstance(request := tick_schedule(instance, model_b), RunRequest):
+    while isinstance(request := tick_schedule(instance, settings_b, model_b), RunRequest):
         assert request.tags["model_version"] == version_b
         runs.append(metadata_of(materialize([event_embeddings], resources=model_b, instance=instance),
                                 "event_embeddings"))
@@ -182,15 +184,16 @@ def test_schedule_notices_a_model_change_without_loading_the_model(settings_fact
     with db.read() as session:
         assert session.execute(select(EventEmbedding.model_version).distinct()).scalars().all() == [version_b]
     # Back to model A: its version is known, and every event lacks it now.
-    assert tick_schedule(instance, model_a).tags["remaining_events"] == "3"
+    assert tick_schedule(instance, settings, model_a).tags["remaining_events"] == "3"
 
 
 def test_nightly_schedule_reclusters_from_scratch(env):
-    _, resources, db = env
+    settings, resources, db = env
     colour_events(db, ["red", "red", "blue"])
     instance = DagsterInstance.ephemeral()
     materialize([event_embeddings, recurring_visitors], resources=resources, instance=instance)
-    request = recurring_visitors_nightly_schedule(build_schedule_context(instance=instance, scheduled_execution_time=TICK))
+    nightly = schedules_of(settings)["recurring_visitors_nightly_schedule"]
+    request = nightly(build_schedule_context(instance=instance, scheduled_execution_time=TICK))
     assert request.run_key == f"recurring_visitors:{TICK.isoformat()}"
     run_config = request.run_config
     assert run_config["ops"]["recurring_visitors"]["config"]["full_recluster"] is True
@@ -202,10 +205,10 @@ def test_nightly_schedule_reclusters_from_scratch(env):
 
 
 def test_definitions_load_and_the_backfill_job_runs(env):
-    _, resources, db = env
+    settings, resources, db = env
     colour_events(db, ["red", "blue"])
-    defs = Definitions(assets=EVENT_ASSETS, asset_checks=EVENT_CHECKS, jobs=EVENT_JOBS, schedules=EVENT_SCHEDULES,
-                       resources=resources)
+    defs = Definitions(assets=EVENT_ASSETS, asset_checks=EVENT_CHECKS, jobs=EVENT_JOBS,
+                       schedules=build_event_schedules(settings), resources=resources)
     Definitions.validate_loadable(defs)
     job = defs.resolve_job_def("event_embedding_backfill_job")
     result = job.execute_in_process(instance=DagsterInstance.ephemeral())

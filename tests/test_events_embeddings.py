@@ -23,18 +23,17 @@ from test_events_support import (
 )
 
 from cv_assets.events.backfill import (
+    BackfillLimits,
     BatchSizeError,
     EventNotFoundError,
-    count_remaining,
     embed_next_batch,
     event_status,
-    latest_event_model_version,
     resolve_batch_size,
     run_event_backfill,
-    vector_from_json,
-    write_event_embeddings,
 )
+from cv_assets.store.events import count_remaining, latest_event_model_version, write_event_embeddings
 from cv_assets.store.models import EmbeddingFailure, Event, EventEmbedding
+from cv_assets.store.vectors import vector_from_json
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ def db(tmp_path):
 def limits(tmp_path, **overrides):
     values = dict(max_batch=100, max_attempts=3, thumbnails_root=tmp_path / "thumbs", thumbnail_max_bytes=1_000_000)
     values.update(overrides)
-    return values
+    return BackfillLimits(**values)
 
 
 def embeddings(db) -> dict[str, EventEmbedding]:
@@ -83,7 +82,7 @@ def test_oversized_batch_request_is_refused_before_embedding(db, tmp_path):
     colour_events(db, ["red"] * 3)
     embedder = MeanColourEmbedder()
     with pytest.raises(BatchSizeError, match="batch_size 101"):
-        embed_next_batch(db, embedder, batch_size=101, **limits(tmp_path))
+        embed_next_batch(db, embedder, batch_size=101, limits=limits(tmp_path))
     assert embedder.calls == [] and embeddings(db) == {}
 
 
@@ -99,12 +98,12 @@ def test_missing_mode_embeds_oldest_first_in_batches(db, tmp_path):
     ]
     add_events(db, rows)
     embedder = MeanColourEmbedder()
-    first = embed_next_batch(db, embedder, batch_size=2, **limits(tmp_path))
+    first = embed_next_batch(db, embedder, batch_size=2, limits=limits(tmp_path))
     assert [o.event_id for o in first.outcomes] == ["e4", "e3"]
     assert first.embedded == 2 and first.failed == 0
     with db.read() as session:
         assert count_remaining(session, embedder.model_version, 3) == 3
-    second = embed_next_batch(db, embedder, batch_size=2, **limits(tmp_path))
+    second = embed_next_batch(db, embedder, batch_size=2, limits=limits(tmp_path))
     assert [o.event_id for o in second.outcomes] == ["e2", "e1"]
     stored = embeddings(db)
     assert set(stored) == {"e4", "e3", "e2", "e1"}
@@ -116,18 +115,18 @@ def test_missing_mode_embeds_oldest_first_in_batches(db, tmp_path):
 def test_missing_mode_skips_events_already_embedded_for_this_version(db, tmp_path):
     colour_events(db, ["red", "blue"])
     embedder = MeanColourEmbedder()
-    embed_next_batch(db, embedder, **limits(tmp_path))
-    again = embed_next_batch(db, embedder, **limits(tmp_path))
+    embed_next_batch(db, embedder, limits=limits(tmp_path))
+    again = embed_next_batch(db, embedder, limits=limits(tmp_path))
     assert again.outcomes == [] and embedder.calls == [2]
 
 
 def test_a_new_model_version_re_embeds_in_missing_mode(db, tmp_path):
     ids = colour_events(db, ["red", "blue"])
-    embed_next_batch(db, MeanColourEmbedder("v1"), **limits(tmp_path))
+    embed_next_batch(db, MeanColourEmbedder("v1"), limits=limits(tmp_path))
     with db.read() as session:
         assert latest_event_model_version(session) == "v1"
         assert count_remaining(session, "v2", 3) == 2
-    result = embed_next_batch(db, MeanColourEmbedder("v2"), **limits(tmp_path))
+    result = embed_next_batch(db, MeanColourEmbedder("v2"), limits=limits(tmp_path))
     assert result.embedded == 2
     assert {row.model_version for row in embeddings(db).values()} == {"v2"}
     assert set(embeddings(db)) == set(ids)
@@ -173,7 +172,7 @@ def test_bad_thumbnails_are_recorded_and_never_block_the_batch(db, tmp_path):
     add_events(db, rows)
     with db.read() as session:
         before = {e.id: (e.camera_id, e.started_at, e.thumbnail_base64, e.thumbnail_path) for e in session.scalars(select(Event))}
-    result = embed_next_batch(db, MeanColourEmbedder(), **limits(tmp_path))
+    result = embed_next_batch(db, MeanColourEmbedder(), limits=limits(tmp_path))
     assert result.embedded == 2 and result.failed == len(bad)
     assert set(embeddings(db)) == set(good)
     recorded = failures(db)
@@ -199,7 +198,7 @@ def test_failed_events_are_retried_at_most_max_attempts_times(db, tmp_path):
     embedder = MeanColourEmbedder()
     attempts = []
     for _ in range(5):
-        result = embed_next_batch(db, embedder, **limits(tmp_path, max_attempts=3))
+        result = embed_next_batch(db, embedder, limits=limits(tmp_path, max_attempts=3))
         attempts.append([(o.event_id, o.status, o.attempts) for o in result.outcomes])
     assert attempts[0] == [("broken", "failed", 1), ("evt-0000", "embedded", None)]
     assert attempts[1] == [("broken", "failed", 2)]
@@ -216,19 +215,19 @@ def test_success_clears_the_failure_row(db, tmp_path):
     root.mkdir()
     add_events(db, [{"id": "late-file", "camera_id": "cam", "started_at": T0, "thumbnail_path": "late.jpg"}])
     embedder = MeanColourEmbedder()
-    assert embed_next_batch(db, embedder, **limits(tmp_path)).failed == 1
+    assert embed_next_batch(db, embedder, limits=limits(tmp_path)).failed == 1
     assert "late-file" in failures(db)
     (root / "late.jpg").write_bytes(jpeg_bytes(COLOURS["yellow"]))
-    assert embed_next_batch(db, embedder, **limits(tmp_path)).embedded == 1
+    assert embed_next_batch(db, embedder, limits=limits(tmp_path)).embedded == 1
     assert failures(db) == {}
     assert "late-file" in embeddings(db)
 
 
 def test_failure_rows_are_per_model_version(db, tmp_path):
     add_events(db, [{"id": "broken", "camera_id": "cam", "started_at": T0, "thumbnail_base64": "@@@@"}])
-    embed_next_batch(db, MeanColourEmbedder("v1"), **limits(tmp_path, max_attempts=1))
-    assert embed_next_batch(db, MeanColourEmbedder("v1"), **limits(tmp_path, max_attempts=1)).outcomes == []
-    result = embed_next_batch(db, MeanColourEmbedder("v2"), **limits(tmp_path, max_attempts=1))
+    embed_next_batch(db, MeanColourEmbedder("v1"), limits=limits(tmp_path, max_attempts=1))
+    assert embed_next_batch(db, MeanColourEmbedder("v1"), limits=limits(tmp_path, max_attempts=1)).outcomes == []
+    result = embed_next_batch(db, MeanColourEmbedder("v2"), limits=limits(tmp_path, max_attempts=1))
     assert [o.attempts for o in result.outcomes] == [1]  # a new model gets its own attempts
     with db.read() as session:
         rows = session.execute(select(EmbeddingFailure.model_version, EmbeddingFailure.attempts)).all()
@@ -242,9 +241,9 @@ def test_mode_all_re_embeds_everything_once_and_terminates(db, tmp_path):
     ids = colour_events(db, ["red", "blue", "green", "yellow", "red"])
     add_events(db, [{"id": "broken", "camera_id": "cam", "started_at": T0 + timedelta(minutes=1), "thumbnail_base64": "!"}])
     embedder = MeanColourEmbedder()
-    run_event_backfill(db, embedder, mode="missing", **limits(tmp_path, max_attempts=1))
+    run_event_backfill(db, embedder, mode="missing", limits=limits(tmp_path, max_attempts=1))
     first = embeddings(db)
-    report = run_event_backfill(db, embedder, mode="all", batch_size=2, **limits(tmp_path, max_attempts=1))
+    report = run_event_backfill(db, embedder, mode="all", batch_size=2, limits=limits(tmp_path, max_attempts=1))
     assert report.batches == 3 and report.embedded == 5 and report.failed == 1  # the given-up event is tried again
     second = embeddings(db)
     assert set(second) == set(ids)
@@ -261,7 +260,7 @@ def test_backfill_in_missing_mode_runs_until_done_and_reports(db, tmp_path):
     seen = []
     report = run_event_backfill(
         db, MeanColourEmbedder(), mode="missing", batch_size=4, on_batch=lambda b: seen.append(len(b.outcomes)),
-        **limits(tmp_path),
+        limits=limits(tmp_path),
     )
     assert seen == [4, 4, 4, 4]  # the failing event is tried once per backfill, not three times in a row
     assert report.embedded == 15 and report.failed == 1
@@ -292,7 +291,7 @@ def test_status_reports_embedded_failed_and_unknown(db, tmp_path):
     add_events(db, [{"id": "broken", "camera_id": "cam", "started_at": T0 + timedelta(hours=1), "thumbnail_base64": "%%"}])
     add_events(db, [{"id": "fresh", "camera_id": "cam", "started_at": T0 + timedelta(hours=2),
                      "thumbnail_base64": b64(jpeg_bytes(COLOURS["red"]))}])
-    embed_next_batch(db, MeanColourEmbedder(), batch_size=2, **limits(tmp_path))
+    embed_next_batch(db, MeanColourEmbedder(), batch_size=2, limits=limits(tmp_path))
     ok = event_status(db, "evt-0000")
     assert ok["embedded"] and ok["model_version"] == "mean-colour-v1" and ok["created_at"] and not ok["stale"]
     assert ok["failures"] == []
@@ -307,8 +306,8 @@ def test_status_reports_embedded_failed_and_unknown(db, tmp_path):
 
 def test_status_marks_vectors_of_an_older_model_as_stale(db, tmp_path):
     colour_events(db, ["red", "blue"])
-    embed_next_batch(db, MeanColourEmbedder("v1"), **limits(tmp_path))
-    embed_next_batch(db, MeanColourEmbedder("v2"), batch_size=1, **limits(tmp_path))
+    embed_next_batch(db, MeanColourEmbedder("v1"), limits=limits(tmp_path))
+    embed_next_batch(db, MeanColourEmbedder("v2"), batch_size=1, limits=limits(tmp_path))
     statuses = {s["event_id"]: s for s in (event_status(db, "evt-0000"), event_status(db, "evt-0001"))}
     assert statuses["evt-0000"]["model_version"] == "v2" and not statuses["evt-0000"]["stale"]
     assert statuses["evt-0001"]["model_version"] == "v1" and statuses["evt-0001"]["stale"]
@@ -342,7 +341,7 @@ def test_real_embedder_handles_odd_colour_modes_and_exif(db, tmp_path, settings_
                     for i, (k, v) in enumerate(thumbs.items())])
     settings, _ = settings_factory()
     embedder = get_embedder(settings.embedder)
-    result = embed_next_batch(db, embedder, **limits(tmp_path))
+    result = embed_next_batch(db, embedder, limits=limits(tmp_path))
     assert {o.event_id for o in result.outcomes if o.status == "embedded"} == set(thumbs) - {"truncated"}
     assert "event truncated" in failures(db)["truncated"].reason and "truncated" in failures(db)["truncated"].reason
     assert {row.model_version for row in embeddings(db).values()} == {embedder.model_version}

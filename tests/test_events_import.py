@@ -183,5 +183,5 @@ def test_import_events_file_takes_limits_from_settings(db, tmp_path):
         {"id": "big", "camera_id": "c", "started_at": "2026-11-01T00:00:00", "thumbnail_base64": big},
     ])
     report = import_events_file(db, path, settings)
-    assert report.summary() == "2 rows, 1 imported, 0 duplicates skipped, 1 rejected"
+    assert report.summary() == "2 rows, 1 imported, 0 duplicates skipped, 1 rejected, 0 with an unusable thumbnail"
     assert "events.thumbnail_max_bytes=1024" in report.errors[0].reason

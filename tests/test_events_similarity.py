@@ -18,7 +18,7 @@ from test_events_support import (
     jpeg_bytes,
 )
 
-from cv_assets.events.backfill import EventNotFoundError, run_event_backfill, vector_from_json, write_event_embeddings
+from cv_assets.events.backfill import BackfillLimits, EventNotFoundError, run_event_backfill
 from cv_assets.events import search as similarity
 from cv_assets.events.search import (
     NoEmbeddingError,
@@ -30,7 +30,9 @@ from cv_assets.events.search import (
     top_k,
     vector_index,
 )
+from cv_assets.store.events import write_event_embeddings
 from cv_assets.store.models import Event, EventEmbedding
+from cv_assets.store.vectors import vector_from_json
 
 
 @pytest.fixture
@@ -47,8 +49,7 @@ def fresh_indexes():
 
 def backfill(db, tmp_path, embedder=None, mode="missing"):
     return run_event_backfill(
-        db, embedder or MeanColourEmbedder(), mode=mode, max_batch=100, max_attempts=3,
-        thumbnails_root=tmp_path / "thumbs", thumbnail_max_bytes=1_000_000,
+        db, embedder or MeanColourEmbedder(), BackfillLimits(100, 3, tmp_path / "thumbs", 1_000_000), mode=mode,
     )
 
 

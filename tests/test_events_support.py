@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cv_assets.events.backfill import vector_from_json, vector_to_json
+from cv_assets.store.vectors import vector_from_json, vector_to_json
 from cv_assets.embedding.base import EmbedOutcome
 from cv_assets.embedding.images import ImageError, describe_source, load_image
 from cv_assets.store import AppDatabase

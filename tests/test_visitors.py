@@ -10,7 +10,6 @@ import pytest
 from sqlalchemy import delete, func, select
 from test_events_support import T0, add_events, new_db
 
-from cv_assets.events.backfill import write_event_embeddings
 from cv_assets.events.search import clear_vector_indexes
 from cv_assets.events.visitors import (
     assign_incrementally,
@@ -18,6 +17,7 @@ from cv_assets.events.visitors import (
     list_recurring_visitors,
     update_recurring_visitors,
 )
+from cv_assets.store.events import write_event_embeddings
 from cv_assets.store.models import EntityEvent, Event, RecognizedEntity
 
 THRESHOLD = 0.75

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
 from cv_assets.settings import ConfigError, Settings, load_settings
+from cv_assets.text import printable
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -72,6 +73,16 @@ def _similarity(text: str) -> float:
     return value
 
 
+def _query_options(parser: argparse.ArgumentParser, *, min_similarity_help: str, days_default: int | None,
+                   days_help: str) -> None:
+    """The options `similar` and `search` share."""
+    parser.add_argument("--limit", type=_positive_int, help="most matches to show (default: events.similar_limit)")
+    parser.add_argument("--min-similarity", type=_similarity, help=min_similarity_help)
+    parser.add_argument("--days", type=_non_negative_int, default=days_default, help=days_help)
+    parser.add_argument("--camera", help="only events from this camera")
+    _json_flag(parser)
+
+
 def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="events_command", metavar="COMMAND", required=True)
 
@@ -86,26 +97,18 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                        description="Events whose thumbnails look like EVENT_ID's, best first. Only vectors of "
                                    "the same model_version are compared; the event itself is left out.")
     p.add_argument("event_id", metavar="EVENT_ID")
-    p.add_argument("--limit", type=_positive_int, help="most matches to show (default: events.similar_limit)")
-    p.add_argument("--min-similarity", type=_similarity,
-                   help="cosine similarity floor (default: events.similar_min_similarity)")
-    p.add_argument("--days", type=_non_negative_int,
-                   help="only events that started within DAYS days of this one; 0 = any time "
-                        "(default: events.similar_days)")
-    p.add_argument("--camera", help="only events from this camera")
-    _json_flag(p)
+    _query_options(p, min_similarity_help="cosine similarity floor (default: events.similar_min_similarity)",
+                   days_default=None, days_help="only events that started within DAYS days of this one; 0 = any "
+                                                "time (default: events.similar_days)")
     p.set_defaults(events_handler=_similar)
 
     p = sub.add_parser("search", help="find event thumbnails by a text description (CLIP)",
                        description="Text-to-image search over event thumbnails. Needs a CLIP embedder; "
                                    "the colour-histogram fallback cannot embed text.")
     p.add_argument("text", metavar="TEXT")
-    p.add_argument("--limit", type=_positive_int, help="most matches to show (default: events.similar_limit)")
-    p.add_argument("--min-similarity", type=_similarity,
-                   help="cosine floor; CLIP text-image scores are low (~0.2-0.35), so none by default")
-    p.add_argument("--days", type=_non_negative_int, default=0, help="only events of the last DAYS days (0 = any)")
-    p.add_argument("--camera", help="only events from this camera")
-    _json_flag(p)
+    _query_options(p, min_similarity_help="cosine floor; CLIP text-image scores are low (~0.2-0.35), so none by "
+                                          "default",
+                   days_default=0, days_help="only events of the last DAYS days (0 = any)")
     p.set_defaults(events_handler=_search)
 
     p = sub.add_parser("import", help="import events from JSON Lines or CSV",
@@ -181,7 +184,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def _fail(args, message: str) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"error": message}))
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -189,7 +192,7 @@ def _emit(args, document: dict, lines: list[str]) -> None:
     if args.json:
         print(json.dumps(document, indent=2, default=str))
     else:
-        print("\n".join(lines))
+        print(printable("\n".join(lines)))
 
 
 def _database(settings: Settings):
@@ -309,33 +312,27 @@ def _import(args, settings: Settings) -> int:
 
 def _backfill(args, settings: Settings) -> int:
     from cv_assets.events.backfill import (
-        count_events,
-        count_remaining,
+        BackfillLimits,
+        events_left,
         remember_embedder_version,
         resolve_batch_size,
         run_event_backfill,
     )
 
-    events = settings.events
-    batch_size = resolve_batch_size(args.batch_size, events.max_batch)  # refuse before loading the model
+    limits = BackfillLimits.from_settings(settings)
+    batch_size = resolve_batch_size(args.batch_size, limits.max_batch)  # refuse before loading the model
     db = _database(settings)
     embedder = _embedder(settings)
-    with db.read() as session:
-        if args.mode == "all":
-            total = count_events(session)
-        else:
-            total = count_remaining(session, embedder.model_version, events.max_attempts)
-    with _progress_bar(total=total, unit="event", desc=f"embed ({args.mode})") as bar:
+    total, remaining = events_left(db, embedder.model_version, limits.max_attempts)
+    with _progress_bar(total=total if args.mode == "all" else remaining or 0, unit="event",
+                       desc=f"embed ({args.mode})") as bar:
         report = run_event_backfill(
-            db, embedder, max_batch=events.max_batch, max_attempts=events.max_attempts,
-            thumbnails_root=settings.storage.thumbnails_root, thumbnail_max_bytes=events.thumbnail_max_bytes,
-            mode=args.mode, batch_size=batch_size, max_batches=args.max_batches,
+            db, embedder, limits, mode=args.mode, batch_size=batch_size, max_batches=args.max_batches,
             on_batch=lambda batch: bar.update(len(batch.outcomes)),
         )
     remember_embedder_version(db, settings.embedder, report.model_version)
     lines = [
-        f"{report.model_version} ({report.mode}): {report.embedded} embedded, {report.failed} failed, "
-        f"{report.skipped} given up, {report.remaining} remaining in {report.batches} batches",
+        f"{report.model_version} ({report.mode}): {report.summary()} in {report.batches} batches",
         f"coverage {report.coverage_pct:.1f}% of {report.total_events} events, {report.images_per_sec:.1f} images/s",
     ]
     lines += [f"  failed {reason}" for reason in report.failures.values()]

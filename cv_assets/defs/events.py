@@ -1,6 +1,7 @@
 """Security events: the embedding backfill, recurring visitors, their jobs and schedules.
 
-Wiring only; the work lives in `analysis/events.py` and `analysis/visitors.py`.
+Wiring only; the work lives in `cv_assets/events/` (backfill, visitors) and the SQL in
+`cv_assets/store/events.py`.
 
 The backfill schedule decides "is anything left?" without loading the model. Every
 backfill run records which model_version the configured embedder produces, keyed by a
@@ -27,7 +28,6 @@ from dagster import (
     AssetSelection,
     Config,
     DefaultScheduleStatus,
-    Failure,
     MaterializeResult,
     MetadataValue,
     RunConfig,
@@ -42,31 +42,27 @@ from dagster import (
 )
 from pydantic import Field
 
+from cv_assets.defs.common import PREVIEW_ROWS, STORE_RETRY, bad_input, stop_on_termination
+from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
 from cv_assets.events.backfill import (
     MODES,
+    BackfillLimits,
     BackfillReport,
     BatchSizeError,
-    batch_report,
-    count_events,
-    count_remaining,
-    embed_next_batch,
+    current_model_version,
     embedder_fingerprint,
+    events_left,
     given_up_events,
     known_embedder_version,
-    latest_event_model_version,
-    markdown_table,
     outcomes_preview,
     remember_embedder_version,
     resolve_batch_size,
-    run_event_backfill,
+    run_scheduled_batch,
 )
 from cv_assets.events.visitors import update_recurring_visitors, visitors_table
-from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
 from cv_assets.settings import Settings
 
-PREVIEW_ROWS = 20
 TOP_ENTITIES = 10
-GIVEN_UP_PREVIEW = 20
 
 
 class EventEmbeddingConfig(Config):
@@ -97,7 +93,8 @@ def _embedding_metadata(report: BackfillReport, fingerprint: str) -> dict:
     }
 
 
-@asset(group_name="events", kinds={"pytorch", "sqlite"})
+@asset(group_name="events", kinds={"pytorch", "sqlite"}, retry_policy=STORE_RETRY)
+@stop_on_termination
 def event_embeddings(
     context: AssetExecutionContext,
     config: EventEmbeddingConfig,
@@ -113,56 +110,39 @@ def event_embeddings(
     reason and retried at most `events.max_attempts` times; the event itself is never
     touched and never holds up the rest of the batch.
     """
-    cfg = settings.load()
-    events = cfg.events
+    limits = BackfillLimits.from_settings(settings.load())
     if config.mode not in MODES:
-        raise Failure(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}", allow_retries=False)
+        raise bad_input(f"mode must be one of {', '.join(MODES)}, got {config.mode!r}")
     try:
-        batch_size = resolve_batch_size(config.batch_size, events.max_batch)
+        batch_size = resolve_batch_size(config.batch_size, limits.max_batch)
     except BatchSizeError as exc:
-        raise Failure(str(exc), allow_retries=False) from None
+        raise bad_input(str(exc)) from None
     db = app_db.get()
-    model = embedder.get()
-    limits = dict(
-        max_batch=events.max_batch, max_attempts=events.max_attempts,
-        thumbnails_root=cfg.storage.thumbnails_root, thumbnail_max_bytes=events.thumbnail_max_bytes,
+    report = run_scheduled_batch(
+        db, embedder.get(), limits, mode=config.mode, batch_size=batch_size,
+        on_batch=lambda b: context.log.info(f"batch: {b.embedded} embedded, {b.failed} failed"),
     )
-    if config.mode == "missing":
-        batch = embed_next_batch(db, model, mode="missing", batch_size=batch_size, **limits)
-        report = batch_report(db, batch, batch_size, events.max_attempts)
-    else:
-        report = run_event_backfill(
-            db, model, mode="all", batch_size=batch_size, **limits,
-            on_batch=lambda b: context.log.info(f"re-embedded {b.embedded}, failed {b.failed}"),
-        )
     remember_embedder_version(db, embedder.settings(), report.model_version)
     for reason in report.failures.values():
         context.log.warning(reason)
-    context.log.info(
-        f"{report.embedded} embedded, {report.failed} failed, {report.skipped} given up, {report.remaining} remaining"
-    )
+    context.log.info(report.summary())
     return MaterializeResult(metadata=_embedding_metadata(report, embedder_fingerprint(embedder.settings())))
 
 
 @asset_check(asset=event_embeddings, description="No event thumbnail has been given up on for the current model.")
 def event_embeddings_not_given_up(settings: SettingsResource, app_db: AppDatabaseResource) -> AssetCheckResult:
-    events = settings.load().events
-    db = app_db.get()
-    with db.read() as session:
-        version = latest_event_model_version(session)
-    given_up = given_up_events(db, version, events.max_attempts, GIVEN_UP_PREVIEW) if version else []
-    table = markdown_table(
-        ["event", "attempts", "last failed", "reason"],
-        [(g["event_id"], g["attempts"], g["last_failed_at"], g["reason"][:160]) for g in given_up],
-    )
+    given_up = given_up_events(app_db.get(), settings.load().events.max_attempts, PREVIEW_ROWS)
     return AssetCheckResult(
-        passed=not given_up,
+        passed=given_up.count == 0,
         severity=AssetCheckSeverity.WARN,
-        metadata={"model_version": version or "", "given_up_shown": len(given_up), "given_up": MetadataValue.md(table)},
+        description=given_up.summary(),
+        metadata={"model_version": given_up.model_version or "", "given_up_count": given_up.count,
+                  "given_up_shown": len(given_up.events), "given_up": MetadataValue.md(given_up.table())},
     )
 
 
-@asset(group_name="events", kinds={"numpy", "sqlite"}, deps=[event_embeddings])
+@asset(group_name="events", kinds={"numpy", "sqlite"}, deps=[event_embeddings], retry_policy=STORE_RETRY)
+@stop_on_termination
 def recurring_visitors(
     context: AssetExecutionContext,
     config: RecurringVisitorsConfig,
@@ -221,7 +201,9 @@ recurring_visitors_job = define_asset_job(
 )
 
 def build_event_schedules(settings: Settings) -> list:
-    """The event schedules, with their crons from the settings the definitions are built from."""
+    """The event schedules, with their crons and limits from the settings the definitions
+    are built from (the resources come from the same settings)."""
+    max_attempts = settings.events.max_attempts
 
     @schedule(
         cron_schedule=settings.events.backfill_cron,
@@ -230,21 +212,16 @@ def build_event_schedules(settings: Settings) -> list:
         description="Embeds event thumbnails batch by batch while any event lacks a vector.",
     )
     def event_embedding_backfill_schedule(
-        context: ScheduleEvaluationContext,
-        settings: SettingsResource,
-        app_db: AppDatabaseResource,
-        embedder: EmbedderResource,
+        context: ScheduleEvaluationContext, app_db: AppDatabaseResource, embedder: EmbedderResource
     ):
-        max_attempts = settings.load().events.max_attempts
         db = app_db.get()
         configured = embedder.settings()
         version = known_embedder_version(db, configured)
-        with db.read() as session:
-            if version is None and db.path is None:  # no cache beside an in-memory database
-                version = latest_event_model_version(session)
-            if count_events(session) == 0:
-                return SkipReason("there are no events yet")
-            remaining = count_remaining(session, version, max_attempts) if version else None
+        if version is None and db.path is None:  # no cache beside an in-memory database
+            version = current_model_version(db)
+        total, remaining = events_left(db, version, max_attempts)
+        if total == 0:
+            return SkipReason("there are no events yet")
         if remaining == 0:
             return SkipReason(f"every event has an embedding for {version} (or was given up)")
         tick = context.scheduled_execution_time or datetime.now(timezone.utc)
@@ -254,7 +231,6 @@ def build_event_schedules(settings: Settings) -> list:
         else:
             tags["remaining_events"] = str(remaining)
         return RunRequest(run_key=f"event_embeddings:{tick.isoformat()}", tags=tags)
-
 
     @schedule(
         cron_schedule=settings.events.visitor_recluster_cron,
@@ -270,6 +246,7 @@ def build_event_schedules(settings: Settings) -> list:
         )
 
     return [event_embedding_backfill_schedule, recurring_visitors_nightly_schedule]
+
 
 EVENT_ASSETS = [event_embeddings, recurring_visitors]
 EVENT_CHECKS = [event_embeddings_not_given_up]

@@ -8,7 +8,7 @@ argpartition for the top k. After a large load the index is also saved as a snap
 next to the database (`<db file>.cache/event_vectors/`), so the next process (a CLI call) starts
 from it instead of parsing JSON again.
 
-Incremental refresh relies on how `analysis/events.py` writes: rows are never updated in
+Incremental refresh relies on how `cv_assets/store/events.py` writes: rows are never updated in
 place; a new or re-embedded vector always gets a row id above every existing one. So:
 - rows with id > the last id seen are the news; a re-embedded event's older row is
   marked dead in the index when its new row arrives;
@@ -36,11 +36,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cv_assets.events.backfill import EMBEDDINGS, EVENTS, EventNotFoundError, cache_dir
+from cv_assets.events.backfill import EventNotFoundError, cache_dir
 from cv_assets.store.database import AppDatabase
+from cv_assets.store.events import (
+    count_vectors,
+    event_details,
+    get_event,
+    get_event_embedding_info,
+    iter_vector_rows,
+    newest_vector_row,
+    vector_row_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,25 +165,15 @@ class EventVectorIndex:
     def _check_top_row(self, session: Session) -> tuple[bool, int | None]:
         """(is the last row seen unchanged, the version's largest row id) in one statement;
         both are index lookups."""
-        newest = (
-            select(func.max(EMBEDDINGS.c.id)).where(EMBEDDINGS.c.model_version == self.model_version).scalar_subquery()
-        )
-        top = (
-            select(EMBEDDINGS.c.event_id, EMBEDDINGS.c.created_at)
-            .where(EMBEDDINGS.c.id == self._top_id(), EMBEDDINGS.c.model_version == self.model_version)
-            .subquery()
-        )
-        row = session.execute(select(newest, top.c.event_id, top.c.created_at).select_from(top)).first()
-        if row is None:  # the last row seen is gone
+        exists, newest, event_id, created_at = newest_vector_row(session, self.model_version, self._top_id())
+        if not exists:  # the last row seen is gone
             return False, None
-        return (row[1], row[2]) == self._top_check, row[0]
+        return (event_id, created_at) == self._top_check, newest
 
     def _drop_deleted_rows(self, session: Session) -> None:
         top = self._top_id()
-        below = (EMBEDDINGS.c.model_version == self.model_version, EMBEDDINGS.c.id <= top)
-        count = session.execute(select(func.count()).select_from(EMBEDDINGS).where(*below)).scalar_one()
-        if count != self.live_count:
-            present = np.fromiter(session.execute(select(EMBEDDINGS.c.id).where(*below)).scalars(), dtype=np.int64)
+        if count_vectors(session, self.model_version, top) != self.live_count:
+            present = vector_row_ids(session, self.model_version, top)
             gone = self.live_mask & ~np.isin(self.row_ids[: self.n], present)
             for position in np.flatnonzero(gone):
                 self._kill(int(position))
@@ -190,22 +188,11 @@ class EventVectorIndex:
                 del self.position[event_id]
 
     def _load_after(self, session: Session, watermark: int) -> int:
-        query = (
-            select(EMBEDDINGS.c.id, EMBEDDINGS.c.event_id, EMBEDDINGS.c.embedding, EMBEDDINGS.c.created_at,
-                   EVENTS.c.camera_id, EVENTS.c.started_at)
-            .join(EVENTS, EVENTS.c.id == EMBEDDINGS.c.event_id)
-            .where(EMBEDDINGS.c.model_version == self.model_version, EMBEDDINGS.c.id > watermark)
-            .order_by(EMBEDDINGS.c.id)
-        )
         if watermark == 0:
-            expected = session.execute(
-                select(func.count()).select_from(EMBEDDINGS).where(EMBEDDINGS.c.model_version == self.model_version)
-            ).scalar_one()
-            self._reserve(expected)
+            self._reserve(count_vectors(session, self.model_version))
             self._checked_at = time.monotonic()  # a load from scratch is as fresh as a check
-        result = session.execute(query)
         loaded = 0
-        while chunk := result.fetchmany(FETCH_ROWS):
+        for chunk in iter_vector_rows(session, self.model_version, watermark, FETCH_ROWS):
             loaded += self._append(chunk)
         self.rows_parsed += loaded
         self._unsaved_rows += loaded
@@ -494,12 +481,7 @@ def _matches(session: Session, ranked: list[tuple[str, float]], limit: int) -> l
     if not ranked:
         return []
     ids = [event_id for event_id, _ in ranked]
-    details = {
-        row.id: row
-        for row in session.execute(
-            select(EVENTS.c.id, EVENTS.c.camera_id, EVENTS.c.started_at, EVENTS.c.label).where(EVENTS.c.id.in_(ids))
-        )
-    }
+    details = event_details(session, ids)
     return [
         Match(event_id, details[event_id].camera_id, details[event_id].started_at, details[event_id].label, score)
         for event_id, (_, score) in zip(ids, ranked)
@@ -508,15 +490,22 @@ def _matches(session: Session, ranked: list[tuple[str, float]], limit: int) -> l
 
 
 @dataclass(frozen=True)
-class SimilarResult:
-    event_id: str
+class SearchResult:
+    """Matches of one query; `as_dict` names the query by its first field."""
+
     model_version: str
     matches: list[Match]
     searched: int
 
     def as_dict(self) -> dict:
-        return {"event_id": self.event_id, "model_version": self.model_version, "searched": self.searched,
+        query = {name: getattr(self, name) for name in ("event_id", "text") if hasattr(self, name)}
+        return {**query, "model_version": self.model_version, "searched": self.searched,
                 "matches": [m.as_dict() for m in self.matches]}
+
+
+@dataclass(frozen=True)
+class SimilarResult(SearchResult):
+    event_id: str = ""
 
 
 def similar_events(
@@ -537,12 +526,10 @@ def similar_events(
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     with db.read() as session:
-        own = session.execute(
-            select(EMBEDDINGS.c.model_version).where(EMBEDDINGS.c.event_id == event_id)
-        ).scalar_one_or_none()
-        if own is None:
-            exists = session.execute(select(EVENTS.c.id).where(EVENTS.c.id == event_id)).first()
-            raise NoEmbeddingError(event_id) if exists else EventNotFoundError(event_id)
+        vector = get_event_embedding_info(session, event_id)
+        if vector is None:
+            raise NoEmbeddingError(event_id) if get_event(session, event_id) else EventNotFoundError(event_id)
+        own = vector.model_version
         # One read transaction for lookup, refresh and details: a consistent view, one round of set-up.
         index = vector_index(db, own, session)
         with index.lock:
@@ -559,19 +546,12 @@ def similar_events(
             )
             searched = index.live_count
         matches = _matches(session, ranked, limit)
-    return SimilarResult(event_id, own, matches, searched)
+    return SimilarResult(own, matches, searched, event_id=event_id)
 
 
 @dataclass(frozen=True)
-class TextSearchResult:
-    text: str
-    model_version: str
-    matches: list[Match]
-    searched: int
-
-    def as_dict(self) -> dict:
-        return {"text": self.text, "model_version": self.model_version, "searched": self.searched,
-                "matches": [m.as_dict() for m in self.matches]}
+class TextSearchResult(SearchResult):
+    text: str = ""
 
 
 def search_events_by_text(
@@ -610,7 +590,7 @@ def search_events_by_text(
                              window_us=window, exclude_position=None)
             searched = index.live_count
         matches = _matches(session, ranked, limit)
-    return TextSearchResult(text, embedder.model_version, matches, searched)
+    return TextSearchResult(embedder.model_version, matches, searched, text=text)
 
 
 def _no_text_message(embedder) -> str:

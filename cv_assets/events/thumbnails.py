@@ -3,7 +3,9 @@ encoded image bytes for the embedder (which decodes them with its hardened loade
 
 Everything here refuses rather than guesses: base64 is decoded with validation (a stray
 character is an error, never silently dropped), sizes are checked before any decoding,
-and a file path must resolve to a regular file inside the thumbnails root. Every error
+a file path must resolve to a regular file inside the thumbnails root, and the pixel
+count declared in the image header is checked against `events.thumbnail_max_pixels`
+before a pixel is decoded (a 250 KB PNG can declare 64 million pixels). Every error
 names the event and the reason.
 """
 
@@ -11,10 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
 
 _DATA_URL_PREFIX = re.compile(r"^\s*data:([^;,]*)(;[^,]*)?,", re.IGNORECASE)
 _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
@@ -22,6 +28,8 @@ _URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
 # that and a short data-URL prefix before refusing text as too long without reading it.
 _LINE_BREAK_ALLOWANCE = 78 / 76
 _PREFIX_ALLOWANCE = 256
+# 16 Mpx (4096 x 4096): a camera thumbnail is far smaller, and CLIP looks at 224 x 224.
+DEFAULT_THUMBNAIL_MAX_PIXELS = 16_000_000
 
 
 class ThumbnailError(ValueError):
@@ -162,3 +170,26 @@ def load_thumbnail_bytes(
     if thumbnail_path is not None and thumbnail_path.strip():
         return read_thumbnail_file(thumbnail_path, event_id=event_id, root=root, max_bytes=max_bytes)
     raise ThumbnailError(event_id, "has no thumbnail (neither thumbnail_base64 nor thumbnail_path is set)")
+
+
+def check_thumbnail_pixels(data: bytes, *, event_id: str, max_pixels: int) -> None:
+    """Refuse a thumbnail whose header declares more than `max_pixels` pixels, reading the
+    header only. Bytes Pillow cannot identify pass: the embedder's decoder reports them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        # Pillow's own ceiling (twice Image.MAX_IMAGE_PIXELS) is far above ours.
+        raise ThumbnailError(event_id, _bomb_reason(None, max_pixels)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        return
+    if width * height > max_pixels:
+        raise ThumbnailError(event_id, _bomb_reason((width, height), max_pixels))
+
+
+def _bomb_reason(size: tuple[int, int] | None, max_pixels: int) -> str:
+    declared = f"{size[0]}x{size[1]} = {size[0] * size[1]} pixels" if size else f"more than {max_pixels} pixels"
+    return (f"thumbnail rejected as a decompression bomb: its header declares {declared}, over the limit of "
+            f"events.thumbnail_max_pixels={max_pixels}; refused before decoding")

@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
-from sqlalchemy.orm import Session
 
-from cv_assets.events.backfill import latest_event_model_version, markdown_table, vector_to_json
 from cv_assets.events.search import vector_index
+from cv_assets.store import visitors as store
 from cv_assets.store.database import AppDatabase
-from cv_assets.store.models import EntityEvent, RecognizedEntity, utcnow
-
-ENTITIES = RecognizedEntity.__table__
-MEMBERS = EntityEvent.__table__
+from cv_assets.store.events import latest_event_model_version
+from cv_assets.store.models import utcnow
+from cv_assets.store.vectors import vector_to_json
+from cv_assets.text import markdown_table
 REFINE_ITERATIONS = 5  # passes after the leader pass; well-separated groups settle in 1-2
 SIMILARITY_CHUNK = 8192  # rows per block when comparing all events with all centroids
 WRITE_RETRIES = 3  # optimistic write: recompute when another run changed the entities meanwhile
@@ -159,7 +157,7 @@ class VisitorsReport:
     top: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return dict(self.__dict__)
 
 
 @dataclass
@@ -167,14 +165,6 @@ class _Group:
     entity_id: int | None
     members: list[int]  # positions in the vector index
     stored_count: int = 0  # event_count in the database before this run
-
-
-def _state_fingerprint(session: Session) -> tuple:
-    entities = session.execute(
-        select(func.count(), func.max(ENTITIES.c.updated_at), func.coalesce(func.sum(ENTITIES.c.event_count), 0))
-    ).one()
-    members = session.execute(select(func.count()).select_from(MEMBERS)).scalar_one()
-    return (*entities, members)
 
 
 def update_recurring_visitors(
@@ -195,17 +185,9 @@ def update_recurring_visitors(
         return report
     for _ in range(WRITE_RETRIES):
         with db.read() as session:
-            fingerprint = _state_fingerprint(session)
-            memberships = session.execute(
-                select(MEMBERS.c.entity_id, MEMBERS.c.event_id)
-                .join(ENTITIES, ENTITIES.c.id == MEMBERS.c.entity_id)
-                .where(ENTITIES.c.model_version == version)
-            ).all()
-            stored_counts = dict(
-                session.execute(
-                    select(ENTITIES.c.id, ENTITIES.c.event_count).where(ENTITIES.c.model_version == version)
-                ).all()
-            )
+            fingerprint = store.state_fingerprint(session)
+            memberships = store.memberships(session, version)
+            stored_counts = store.entity_event_counts(session, version)
             index = vector_index(db, version, session)
         with index.lock:
             live = np.flatnonzero(index.live_mask)
@@ -221,7 +203,7 @@ def update_recurring_visitors(
                 vectors, started_us, event_ids, position, memberships, stored_counts, threshold
             )
         with db.write() as session:
-            if _state_fingerprint(session) != fingerprint:
+            if store.state_fingerprint(session) != fingerprint:
                 continue
             new_entities = _write_groups(
                 session, version, groups, vectors, event_ids, cameras, started_us, full_recluster, set(new_positions)
@@ -236,9 +218,7 @@ def update_recurring_visitors(
         )
     top = list_recurring_visitors(db, min_events=min_events, model_version=version)
     with db.read() as session:
-        report.entities_total = session.execute(
-            select(func.count()).select_from(ENTITIES).where(ENTITIES.c.model_version == version)
-        ).scalar_one()
+        report.entities_total = store.count_entities(session, version)
     report.entities_reported = len(top)
     report.events_in_reported = sum(entity["event_count"] for entity in top)
     report.top = top[:top_limit]
@@ -299,14 +279,12 @@ def _entity_values(group: _Group, vectors, cameras, started_us) -> dict:
 
 
 def _write_groups(session, version, groups, vectors, event_ids, cameras, started_us, full, new_positions) -> int:
-    session.execute(delete(ENTITIES).where(ENTITIES.c.model_version != version))
-    if full:
-        session.execute(delete(ENTITIES).where(ENTITIES.c.model_version == version))
+    store.delete_entities(session, other_than_version=version, version=version if full else None)
     new_entities = 0
     for group in groups:
         if not group.members:
             if group.entity_id is not None:
-                session.execute(delete(ENTITIES).where(ENTITIES.c.id == group.entity_id))
+                store.delete_entities(session, entity_id=group.entity_id)
             continue
         changed = (
             full
@@ -318,20 +296,11 @@ def _write_groups(session, version, groups, vectors, event_ids, cameras, started
             continue
         values = _entity_values(group, vectors, cameras, started_us)
         centroid = values.pop("_centroid")
-        if group.entity_id is None:
-            group.entity_id = session.execute(
-                insert(ENTITIES).values(model_version=version, created_at=values["updated_at"], **values)
-                .returning(ENTITIES.c.id)
-            ).scalar_one()
-            new_entities += 1
-        else:
-            session.execute(update(ENTITIES).where(ENTITIES.c.id == group.entity_id).values(**values))
+        new_entities += group.entity_id is None
         similarity = vectors[group.members] @ centroid
-        session.execute(delete(MEMBERS).where(MEMBERS.c.entity_id == group.entity_id))
-        session.execute(
-            insert(MEMBERS),
-            [{"entity_id": group.entity_id, "event_id": event_ids[p], "similarity": float(s)}
-             for p, s in zip(group.members, similarity)],
+        group.entity_id = store.save_entity(
+            session, group.entity_id, version, values,
+            [(event_ids[p], float(s)) for p, s in zip(group.members, similarity)],
         )
     return new_entities
 
@@ -351,23 +320,8 @@ def list_recurring_visitors(
         version = model_version or latest_event_model_version(session)
         if version is None:
             return []
-        query = (
-            select(ENTITIES.c.id, ENTITIES.c.event_count, ENTITIES.c.first_seen, ENTITIES.c.last_seen,
-                   ENTITIES.c.cameras)
-            .where(ENTITIES.c.model_version == version, ENTITIES.c.event_count >= min_events)
-            .order_by(ENTITIES.c.event_count.desc(), ENTITIES.c.last_seen.desc(), ENTITIES.c.id)
-        )
-        if limit is not None:
-            query = query.limit(limit)
-        rows = session.execute(query).all()
-        members: dict[int, list[str]] = {row.id: [] for row in rows}
-        if rows:
-            for entity_id, event_id in session.execute(
-                select(MEMBERS.c.entity_id, MEMBERS.c.event_id)
-                .where(MEMBERS.c.entity_id.in_(list(members)))
-                .order_by(MEMBERS.c.event_id)
-            ):
-                members[entity_id].append(event_id)
+        rows = store.recurring_entities(session, version, min_events, limit)
+        members = store.entity_members(session, [row.id for row in rows])
     return [
         {"entity_id": row.id, "event_count": row.event_count,
          "first_seen": row.first_seen.isoformat(timespec="seconds") if row.first_seen else None,
