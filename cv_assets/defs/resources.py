@@ -51,9 +51,13 @@ class EmbedderResource(ConfigurableResource):
     model: str = EmbedderSettings().model
     revision: str | None = None
     device: str = "auto"
+    backend: str = "auto"
+    precision: str = "auto"
     batch_size: int = 32
+    cuda_batch_size: int = 256
     local_files_only: bool = True
     cache_dir: str | None = None
+    compiled_cache_dir: str | None = None
     fallback: str = "none"
 
     @classmethod

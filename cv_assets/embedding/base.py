@@ -107,8 +107,8 @@ class Embedder:
         """Per-image CPU work (resize, histogram ...) on a decoded RGB uint8 array."""
         raise NotImplementedError
 
-    def _embed_prepared(self, prepared: list[Any]) -> np.ndarray:
-        """One batch of prepared items -> (n, dim) float32 unit vectors."""
+    def _embed_prepared(self, prepared: list[Any]) -> Any:
+        """One batch of prepared items -> (n, dim) float32 unit vectors (or what `_collect` takes)."""
         raise NotImplementedError
 
     def _load_source(self, source: ImageSource, name: str | None) -> np.ndarray:
@@ -159,8 +159,12 @@ class Embedder:
             if good:
                 vectors.append(self._embed_prepared([value for _, value in good]))
                 ok.extend(index for index, _ in good)
-        matrix = np.concatenate(vectors, axis=0) if vectors else np.zeros((0, self.dim), dtype=np.float32)
-        return EmbedOutcome(vectors=matrix, ok=ok, errors=errors)
+        return EmbedOutcome(vectors=self._collect(vectors), ok=ok, errors=errors)
+
+    def _collect(self, parts: list[Any]) -> np.ndarray:
+        """The `_embed_prepared` results of one call -> one (n, dim) float32 matrix. (A GPU
+        embedder returns device tensors there and copies them back here, all at once.)"""
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, self.dim), dtype=np.float32)
 
     # -- public API ----------------------------------------------------------------
     def embed_images(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -189,7 +193,7 @@ class Embedder:
     def generate_embedding(self, image: ImageSource) -> np.ndarray:
         """One image (array, PIL image, path or bytes) -> (dim,) unit vector; raises ImageError."""
         self.ensure_ready()
-        return self._embed_prepared([self._prepare(self._load_source(image, None))])[0]
+        return self._collect([self._embed_prepared([self._prepare(self._load_source(image, None))])])[0]
 
     @staticmethod
     def compute_similarity(a: np.ndarray, b: np.ndarray) -> float:

@@ -3,19 +3,23 @@
 - Weights: a hub id (from the local Hugging Face cache; `local_files_only` by default)
   or a directory written by `save_pretrained`. Safetensors only (no pickle), no
   remote code, revision pinnable.
-- Device: auto = CUDA with fp16 when available, else CPU fp32 using every core
-  this process may run on.
+- Device, backend, precision: `runtime.choose_runtime` (auto = CUDA torch fp16; on a
+  CPU OpenVINO when installed, bf16 where the processor has it, else fp32), every core
+  this process may run on. OpenVINO towers are converted from the loaded model and
+  cached on disk (`openvino_backend.py`).
 - Version: `<repo>@<commit>` for hub models, `clip:<dir>@sha256:<12 hex>` for a local
   directory (hash of the weights and preprocessor config), stored with every vector.
 - Preprocessing: `preprocess.py` (arrays and torch kernels, no PIL round trip). Files
   for the next batch are decoded in a worker thread while the model runs; on a GPU
-  the workers resize too (see `ClipEmbedder.__init__`).
+  the workers resize too, batches go up through pinned memory and the CPU stages the
+  next batch while the GPU runs the current one (see `ClipEmbedder.__init__`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,11 +32,11 @@ import torch
 from cv_assets.embedding.base import (
     EMBEDDING_DIM,
     Embedder,
-    EmbedderConfigError,
     ModelUnavailableError,
     available_cores,
 )
-from cv_assets.embedding.preprocess import PreprocessConfig, resize_and_crop, to_pixel_values
+from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, resize_and_crop, to_pixel_values
+from cv_assets.embedding.runtime import Capabilities, choose_runtime, probe_capabilities, torch_dtype
 from cv_assets.settings import EmbedderSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,7 @@ HASH_CHUNK_BYTES = 8 * 1024 * 1024
 # Decoding a JPEG at 1/2, 1/4 or 1/8 scale is nearly free; keep at least twice the
 # model's input size so the final antialiased resize still has real detail to work with.
 DECODE_OVERSAMPLING = 2
-MAX_PREFETCH_WORKERS = 8
+MAX_PREFETCH_WORKERS = 32
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,8 @@ class LoadedClip:
     directory: Path
     model_version: str
     load_seconds: float
-
-
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise EmbedderConfigError("embedder.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
-    return requested
+    # The weights' hash (keys the OpenVINO cache): sha256 of the files, or of the tensors.
+    weights_id: str = ""
 
 
 def configure_cpu_threads(device: str) -> None:
@@ -131,16 +129,39 @@ def _hub_snapshot_dir(settings: EmbedderSettings) -> Path | None:
     return Path(found).parent if isinstance(found, str) else None
 
 
-def _model_version(settings: EmbedderSettings, directory: Path, local: bool) -> str:
+def _model_version(settings: EmbedderSettings, directory: Path, local: bool, digest: str | None) -> str:
     if local:
-        return f"clip:{directory.name}@sha256:{weights_digest(directory)[:12]}"
+        return f"clip:{directory.name}@sha256:{digest[:12]}"
     if directory.parent.name == "snapshots":
         return f"{settings.model}@{directory.name}"
     # Not found in the cache layout (unusual): the pinned revision is the best name left.
     return f"{settings.model}@{settings.revision or 'unresolved'}"
 
 
-def load_clip(settings: EmbedderSettings, device: str) -> LoadedClip:
+def _hub_weights_id(directory: Path) -> str | None:
+    """In the hub cache each weights file links to blobs/<sha256 of its content>: the
+    weights' hash for free. None when the layout is not that."""
+    names = []
+    for path in sorted(directory.glob("*.safetensors")):
+        blob = Path(os.path.realpath(path)).name
+        if not (path.is_symlink() and len(blob) == 64 and all(c in "0123456789abcdef" for c in blob)):
+            return None
+        names.append(f"{path.name}={blob}")
+    return "sha256-blobs:" + ",".join(names) if names else None
+
+
+def state_dict_digest(model: Any) -> str:
+    """sha256 over the model's tensors (names, dtypes, shapes, bytes): the weights' hash of a
+    model that exists only in memory."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def load_clip(settings: EmbedderSettings, device: str, dtype: torch.dtype = torch.float32) -> LoadedClip:
     """Load the model named by `settings` or raise `ModelUnavailableError` (never a hub stack trace)."""
     from transformers import CLIPModel
     from transformers.utils import logging as hf_logging
@@ -151,7 +172,6 @@ def load_clip(settings: EmbedderSettings, device: str) -> LoadedClip:
     if _looks_like_path(settings.model) and not local:
         raise ModelUnavailableError(unavailable_message(settings, "the directory does not exist")) from None
     configure_cpu_threads(device)
-    dtype = torch.float16 if device == "cuda" else torch.float32
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no progress bars or loading chatter in every run's log
     hf_logging.disable_progress_bar()
@@ -179,29 +199,75 @@ def load_clip(settings: EmbedderSettings, device: str) -> LoadedClip:
     default = PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
     config_file = directory / PREPROCESSOR_CONFIG
     preprocess = PreprocessConfig.from_file(config_file, default) if config_file.is_file() else default
-    version = _model_version(settings, directory, local)
-    return LoadedClip(model, preprocess, directory, version, time.perf_counter() - started)
+    digest = weights_digest(directory) if local else None
+    version = _model_version(settings, directory, local, digest)
+    weights_id = f"sha256:{digest}" if digest else (_hub_weights_id(directory) or version)
+    return LoadedClip(model, preprocess, directory, version, time.perf_counter() - started, weights_id)
+
+
+class PinnedBatches:
+    """A small ring of page-locked host buffers for uint8 batches bound for the GPU.
+
+    A copy from pinned memory is a true asynchronous DMA: the CPU stacks the next batch
+    while the GPU still copies and runs the current one. A buffer is reused only after
+    the copy out of it has finished (its CUDA event)."""
+
+    def __init__(self, slots: int = 2):
+        self.slots = slots
+        self._buffers: list[tuple[torch.Tensor, Any]] = []
+        self._next = 0
+
+    def stage(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """Stack `crops` into a pinned buffer and start its copy to the GPU; returns the GPU tensor."""
+        shape = (len(crops), *crops[0].shape)
+        if len(self._buffers) < self.slots:
+            self._buffers.append((torch.empty(0, dtype=torch.uint8), None))
+        slot = self._next
+        self._next = (self._next + 1) % self.slots
+        buffer, done = self._buffers[slot]
+        if done is not None:
+            done.synchronize()
+        if buffer.numel() < int(np.prod(shape)):
+            buffer = torch.empty(int(np.prod(shape)), dtype=torch.uint8, pin_memory=True)
+        host = buffer[: int(np.prod(shape))].view(shape)
+        np.stack(crops, out=host.numpy())
+        on_device = host.to("cuda", non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._buffers[slot] = (buffer, done)
+        return on_device
 
 
 class ClipEmbedder(Embedder):
-    """CLIP image and text embeddings (512-d, unit norm), the inherited `CLIPEmbeddingService`."""
+    """CLIP image and text embeddings (512-d, unit norm), the inherited `CLIPEmbeddingService`.
+
+    `backend` and `precision` say what runs the model ("torch"/"openvino", "fp32"/"bf16"/
+    "fp16"); assets record them beside `model_version`, which they never change (every
+    backend and precision gives the same vectors to within cosine 0.999).
+    """
 
     family = "clip"
 
-    def __init__(self, settings: EmbedderSettings | None = None):
+    def __init__(self, settings: EmbedderSettings | None = None, capabilities: Capabilities | None = None):
         self.settings = settings or EmbedderSettings()
-        self.device = resolve_device(self.settings.device)
-        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.batch_size = self.settings.batch_size
+        runtime = choose_runtime(self.settings.device, self.settings.backend, self.settings.precision,
+                                 capabilities or probe_capabilities())
+        self.device, self.backend, self.precision = runtime.device, runtime.backend, runtime.precision
+        # The torch model's dtype: OpenVINO converts from (and checks against) the fp32 model.
+        self.dtype = torch_dtype(self.precision) if self.backend == "torch" else torch.float32
+        on_cpu = self.device == "cpu"
+        self.batch_size = self.settings.batch_size if on_cpu else self.settings.cuda_batch_size
         # On a CPU the model already uses every core: one thread decodes the next batch's
         # files beside it, and resizing (torch kernels on the same OpenMP pool as the model)
         # runs between forward passes instead of fighting them for cores. On a GPU the CPU is
-        # free: several threads decode and resize so the model never waits.
-        on_cpu = self.device == "cpu"
-        self.prefetch_workers = 1 if on_cpu else min(MAX_PREFETCH_WORKERS, available_cores())
+        # free: every core but one decodes and resizes so the model never waits.
+        self.prefetch_workers = 1 if on_cpu else min(MAX_PREFETCH_WORKERS, max(1, available_cores() - 1))
         self.prepare_in_workers = not on_cpu
         self._loaded: LoadedClip | None = None
         self._tokenizer = None
+        self._image_tower = None
+        self._text_tower = None
+        self._pinned = PinnedBatches() if not on_cpu else None
         self._lock = threading.Lock()
 
     # -- loading -------------------------------------------------------------------
@@ -216,17 +282,27 @@ class ClipEmbedder(Embedder):
         model_version: str,
         preprocess: PreprocessConfig | None = None,
         device: str = "auto",
+        backend: str = "torch",
+        precision: str = "auto",
         batch_size: int = 32,
         dtype: torch.dtype | None = None,
+        compiled_cache_dir: Path | None = None,
+        capabilities: Capabilities | None = None,
     ) -> "ClipEmbedder":
-        """Wrap a `CLIPModel` already in memory (benchmarks, notebooks); the caller names its version."""
-        embedder = cls(EmbedderSettings(model=f"<in-memory {model_version}>", device=device, batch_size=batch_size))
+        """Wrap a `CLIPModel` already in memory (benchmarks, notebooks); the caller names its version.
+        (`dtype` is the older spelling of `precision` for the torch backend.)"""
         if dtype is not None:
-            embedder.dtype = dtype
+            precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        settings = EmbedderSettings(model=f"<in-memory {model_version}>", device=device, backend=backend,
+                                    precision=precision, batch_size=batch_size, cuda_batch_size=batch_size,
+                                    compiled_cache_dir=compiled_cache_dir)
+        embedder = cls(settings, capabilities)
         configure_cpu_threads(embedder.device)
         model = model.to(device=embedder.device, dtype=embedder.dtype).eval()
         preprocess = preprocess or PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
-        embedder._install(LoadedClip(model, preprocess, Path("."), model_version, 0.0))
+        weights_id = f"state-sha256:{state_dict_digest(model)}" if embedder.backend == "openvino" else model_version
+        with embedder._lock:
+            embedder._install(LoadedClip(model, preprocess, Path("."), model_version, 0.0, weights_id))
         return embedder
 
     def _install(self, loaded: LoadedClip) -> None:
@@ -236,19 +312,41 @@ class ClipEmbedder(Embedder):
                 f"CLIP model {self.settings.model!r} projects to {projection} dimensions; "
                 f"the stores hold {EMBEDDING_DIM}-d vectors (use a ViT-B/32-style checkpoint)")
         self.decode_min_side = DECODE_OVERSAMPLING * loaded.preprocess.shortest_edge
+        if self.backend == "openvino":
+            self._image_tower = self._compile_tower(loaded, "image")
+            # OpenVINO computes in f32 where the CPU lacks the requested format: report what runs.
+            if self._image_tower.precision != self.precision:
+                log.warning("embedder.precision %s is not supported by this CPU's OpenVINO plugin; running %s",
+                            self.precision, self._image_tower.precision)
+                self.precision = self._image_tower.precision
         self._loaded = loaded
+
+    def _compile_tower(self, loaded: LoadedClip, tower: str):
+        from cv_assets.embedding.openvino_backend import load_tower
+
+        return load_tower(loaded.model, tower, weights_id=loaded.weights_id, precision=self.precision,
+                          cache_dir=self.compiled_cache_dir, threads=available_cores())
+
+    @property
+    def compiled_cache_dir(self) -> Path:
+        from cv_assets.embedding.openvino_backend import default_compiled_cache_dir
+
+        configured = self.settings.compiled_cache_dir
+        return Path(configured).expanduser() if configured else default_compiled_cache_dir()
 
     def _load(self) -> LoadedClip:
         if self._loaded is None:
             with self._lock:
                 if self._loaded is None:
-                    loaded = load_clip(self.settings, self.device)
+                    loaded = load_clip(self.settings, self.device, self.dtype)
                     self._install(loaded)
-                    log.info("loaded CLIP %s on %s in %.1fs", loaded.model_version, self.device, loaded.load_seconds)
+                    log.info("loaded CLIP %s on %s (%s %s) in %.1fs", loaded.model_version, self.device,
+                             self.backend, self.precision, loaded.load_seconds)
         return self._loaded
 
     @property
     def model(self):
+        """The torch `CLIPModel` (on the OpenVINO backend: the fp32 model it was converted from)."""
         return self._load().model
 
     @property
@@ -263,20 +361,39 @@ class ClipEmbedder(Embedder):
     def model_directory(self) -> Path:
         return self._load().directory
 
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "backend": self.backend, "precision": self.precision}
+
     # -- images --------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         return resize_and_crop(image, self._load().preprocess)
 
-    def _embed_prepared(self, prepared: list[np.ndarray]) -> np.ndarray:
+    def _embed_prepared(self, prepared: list[np.ndarray]):
         loaded = self._load()
+        if self.device == "cuda":
+            # Stays on the GPU, unsynchronised: the CPU goes on to stage the next batch while
+            # this one runs; `_collect` copies every batch back at once.
+            on_device = self._pinned.stage(prepared)
+            return self._forward_torch(normalise_batch(on_device, loaded.preprocess, self.dtype))
         pixels = to_pixel_values(prepared, loaded.preprocess, self.device, self.dtype)
         return self.forward(pixels)
 
+    def _collect(self, parts: list[Any]) -> np.ndarray:
+        if parts and isinstance(parts[0], torch.Tensor):
+            return torch.cat(parts).cpu().numpy()
+        return super()._collect(parts)
+
+    def _forward_torch(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            output = self._load().model.get_image_features(pixel_values=pixel_values.to(self.dtype))
+            return torch.nn.functional.normalize(_features(output).float(), dim=-1)
+
     def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Ready (N, 3, h, w) pixel values -> (N, 512) float32 unit vectors (the model alone)."""
-        with torch.inference_mode():
-            output = self._load().model.get_image_features(pixel_values=pixel_values)
-            return _unit_rows(output)
+        self._load()
+        if self._image_tower is not None:
+            return self._image_tower(pixel_values.detach().to("cpu", torch.float32).numpy())
+        return self._forward_torch(pixel_values).cpu().numpy()
 
     # -- text ----------------------------------------------------------------------
     def _load_tokenizer(self):
@@ -293,29 +410,38 @@ class ClipEmbedder(Embedder):
                     "(tokenizer.json or vocab.json + merges.txt) to use text search") from None
         return self._tokenizer
 
+
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         """Text queries -> (N, 512) float32 unit vectors in the same space as the images."""
         if isinstance(texts, str):
             texts = [texts]
-        model = self.model
+        loaded = self._load()
+        model = loaded.model
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokenizer = self._load_tokenizer()
+        if self.backend == "openvino" and self._text_tower is None:
+            with self._lock:
+                if self._text_tower is None:
+                    self._text_tower = self._compile_tower(loaded, "text")
         max_length = int(model.config.text_config.max_position_embeddings)
         vectors = []
         for start in range(0, len(texts), self.batch_size):
             tokens = tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                               max_length=max_length, return_tensors="pt").to(self.device)
+                               max_length=max_length, return_tensors="pt")
+            if self._text_tower is not None:
+                vectors.append(self._text_tower(tokens["input_ids"].numpy().astype(np.int64),
+                                                tokens["attention_mask"].numpy().astype(np.int64)))
+                continue
             with torch.inference_mode():
-                vectors.append(_unit_rows(model.get_text_features(**tokens)))
-        return np.concatenate(vectors, axis=0)
+                features = _features(model.get_text_features(**tokens.to(self.device)))
+                vectors.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
+        return np.concatenate(vectors, axis=0).astype(np.float32, copy=False)
 
 
-def _unit_rows(output: Any) -> np.ndarray:
+def _features(output: Any) -> torch.Tensor:
     # transformers 5 returns an output object whose pooler_output is the projection; 4.x a tensor.
-    features = output.pooler_output if hasattr(output, "pooler_output") else output
-    features = torch.nn.functional.normalize(features.float(), dim=-1)
-    return features.cpu().numpy().astype(np.float32, copy=False)
+    return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
 # The name the inherited services used.

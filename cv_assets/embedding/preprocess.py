@@ -124,7 +124,12 @@ def to_pixel_values(
     """
     stacked = np.stack(crops) if not isinstance(crops, np.ndarray) or not crops.flags.writeable else crops
     batch = torch.from_numpy(np.ascontiguousarray(stacked))
-    batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).to(torch.float32)
+    return normalise_batch(batch.to(device, non_blocking=True), config, dtype)
+
+
+def normalise_batch(batch: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A uint8 (N, h, w, 3) batch (on any device) -> normalised (N, 3, h, w) `dtype` pixel values."""
+    batch = batch.permute(0, 3, 1, 2).to(torch.float32)
     std = torch.tensor(config.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
     mean = torch.tensor(config.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
     pixels = batch * (config.rescale_factor / std) - mean / std

@@ -1,0 +1,293 @@
+"""CLIP's image and text towers run by OpenVINO on the CPU, converted from the loaded `CLIPModel`.
+
+Converting a ViT-B/32 from torch takes ~30 s, so each converted tower is kept on disk:
+
+    <cache_dir>/<key>/
+        model.xml, model.bin    the OpenVINO IR (f32 weights; precision is a compile option)
+        manifest.json           what was converted, and the IR's sizes and xml digest
+        compiled/               OpenVINO's own cache of the compiled blob (faster reloads)
+
+`key` is a digest of the weights' hash, the backend, the precision, the tower and the
+OpenVINO version, so another checkpoint, precision or OpenVINO release never reuses a
+model built for something else. A tower is compiled once per process (the embedder
+holds it). A cache entry that cannot be read, does not match its manifest or gives
+vectors that disagree with the torch model on a probe image is deleted and rebuilt;
+a new entry is written to a temporary folder and renamed into place, so a process
+that dies half-way, or two processes converting at once, never leave a broken entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+# The converted tower must agree with the torch fp32 tower on the probe input at least this
+# well; f32 agrees to ~1e-7, bf16 to ~1e-4, a damaged file not at all.
+PROBE_MIN_COSINE = 0.999
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+FROM_OV_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
+
+class OpenVinoCacheError(RuntimeError):
+    """A cache entry is unusable (missing, truncated, altered or wrong)."""
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return openvino.__version__
+
+
+def cache_key(weights_id: str, tower: str, precision: str) -> str:
+    payload = json.dumps({"weights": weights_id, "backend": "openvino", "precision": precision, "tower": tower,
+                          "openvino": openvino_version(), "format": CACHE_FORMAT}, sort_keys=True)
+    return f"{tower}-{precision}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(8 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the towers as plain modules (traced by openvino.convert_model) --------------------------------
+
+
+def _features(output: Any):
+    # transformers 5 returns an output object whose pooler_output is the projection; 4.x a tensor.
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+def image_tower(model: Any):
+    import torch
+
+    class ImageTower(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, pixel_values):
+            features = _features(self.clip.get_image_features(pixel_values=pixel_values))
+            return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    return ImageTower(model).eval()
+
+
+def text_tower(model: Any):
+    import torch
+
+    class TextTower(torch.nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, input_ids, attention_mask):
+            features = _features(self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+            return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    return TextTower(model).eval()
+
+
+def image_example(model: Any, batch: int = 2):
+    import torch
+
+    size = int(model.config.vision_config.image_size)
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(batch, 3, size, size, generator=generator)
+
+
+def text_example(model: Any, batch: int = 2, length: int = 8):
+    import torch
+
+    config = model.config.text_config
+    generator = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, max(4, min(int(config.vocab_size), 400) - 2), (batch, length), generator=generator)
+    ids[:, 0] = int(config.bos_token_id) if config.bos_token_id is not None else 0
+    eos = int(config.eos_token_id) if config.eos_token_id is not None else int(config.vocab_size) - 1
+    ids[:, -1] = eos
+    ids[1, length // 2] = eos  # a padded row: the pooled position differs per row
+    mask = torch.ones_like(ids)
+    mask[1, length // 2 + 1:] = 0
+    return ids, mask
+
+
+def _convert(model: Any, tower: str):
+    import openvino as ov
+    import torch
+
+    # Tracing warns about every shape check it freezes; the towers take a fixed image size
+    # and tokenizer-made text (never longer than the model's positions), so none matters.
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if tower == "image":
+            example = image_example(model)
+            size = example.shape[-1]
+            return ov.convert_model(image_tower(model), example_input=example,
+                                    input=[ov.PartialShape([-1, 3, size, size])])
+        ids, mask = text_example(model)
+        return ov.convert_model(text_tower(model), example_input={"input_ids": ids, "attention_mask": mask},
+                                input=[("input_ids", ov.PartialShape([-1, -1]), ov.Type.i64),
+                                       ("attention_mask", ov.PartialShape([-1, -1]), ov.Type.i64)])
+
+
+def _reference(model: Any, tower: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """A fixed probe input and the torch model's vectors for it."""
+    import torch
+
+    with torch.inference_mode():
+        reference_model = image_tower(model) if tower == "image" else text_tower(model)
+        dtype = next(model.parameters()).dtype
+        if tower == "image":
+            inputs = [image_example(model)]
+            expected = reference_model(inputs[0].to(dtype))
+        else:
+            ids, mask = text_example(model)
+            inputs = [ids, mask]
+            expected = reference_model(ids, mask)
+    return [t.numpy() for t in inputs], expected.float().numpy()
+
+
+# -- the cache -----------------------------------------------------------------------------------
+
+
+class CompiledTower:
+    """One compiled tower; `__call__(*arrays) -> (n, 512) float32 unit rows`, thread-safe."""
+
+    def __init__(self, compiled: Any, precision: str, path: Path, seconds: float, built: bool):
+        self.compiled = compiled
+        self.precision = precision  # what OpenVINO actually computes in
+        self.path = path
+        self.seconds = seconds
+        self.built = built  # converted in this process (False: loaded from the cache)
+        self._local = threading.local()
+
+    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        result = request.infer({index: np.ascontiguousarray(a) for index, a in enumerate(arrays)})
+        return np.array(result[0], dtype=np.float32, copy=True)
+
+
+def default_compiled_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "cv_assets" / "openvino"
+
+
+def compile_options(precision: str, threads: int) -> dict[str, Any]:
+    # LATENCY: one stream that spreads each batch over every core (the embedder sends one
+    # batch at a time and prepares the next one between calls).
+    return {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": int(threads)}
+
+
+def effective_precision(compiled: Any) -> str:
+    value = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    for name, ours in FROM_OV_PRECISION.items():
+        if name in value.lower().replace("float32", "f32").replace("bfloat16", "bf16").replace("float16", "f16"):
+            return ours
+    return "fp32"
+
+
+def _write_entry(model: Any, tower: str, key: str, cache_dir: Path, precision: str, weights_id: str) -> Path:
+    import openvino as ov
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
+    try:
+        converted = _convert(model, tower)
+        ov.save_model(converted, staging / "model.xml", compress_to_fp16=False)
+        manifest = {"format": CACHE_FORMAT, "tower": tower, "precision": precision, "weights": weights_id,
+                    "openvino": openvino_version(),
+                    "xml_sha256": _sha256_file(staging / "model.xml"),
+                    "bin_bytes": (staging / "model.bin").stat().st_size}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        target = cache_dir / key
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process finished the same entry first: theirs is as good as ours.
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _check_entry(entry: Path) -> None:
+    manifest_path = entry / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        xml, weights = entry / "model.xml", entry / "model.bin"
+        if manifest.get("format") != CACHE_FORMAT:
+            raise OpenVinoCacheError(f"{manifest_path}: cache format {manifest.get('format')!r}")
+        if weights.stat().st_size != manifest["bin_bytes"]:
+            raise OpenVinoCacheError(f"{weights}: {weights.stat().st_size} bytes, manifest says {manifest['bin_bytes']}")
+        if _sha256_file(xml) != manifest["xml_sha256"]:
+            raise OpenVinoCacheError(f"{xml}: content differs from its manifest")
+    except OpenVinoCacheError:
+        raise
+    except Exception as exc:  # missing file, bad JSON, missing key
+        raise OpenVinoCacheError(f"{entry}: {type(exc).__name__}: {exc}") from None
+
+
+def _compile_entry(entry: Path, precision: str, threads: int, probe: tuple[list[np.ndarray], np.ndarray]):
+    import openvino as ov
+
+    core = ov.Core()
+    core.set_property({"CACHE_DIR": str(entry / "compiled")})
+    compiled = core.compile_model(str(entry / "model.xml"), "CPU", compile_options(precision, threads))
+    tower = CompiledTower(compiled, effective_precision(compiled), entry, 0.0, built=False)
+    inputs, expected = probe
+    got = tower(*inputs)
+    cosine = float((got * expected).sum(axis=1).min()) if got.shape == expected.shape else -1.0
+    if not np.isfinite(cosine) or cosine < PROBE_MIN_COSINE:
+        raise OpenVinoCacheError(f"{entry}: probe vectors disagree with the torch model (min cosine {cosine:.4f})")
+    return tower
+
+
+def load_tower(model: Any, tower: str, *, weights_id: str, precision: str, cache_dir: Path, threads: int,
+               on_rebuild: Callable[[str], None] | None = None) -> CompiledTower:
+    """The compiled `tower` ("image" | "text") of `model` at `precision`, from the cache when
+    a good entry exists, else converted now and cached; a bad entry is rebuilt once."""
+    started = time.perf_counter()
+    key = cache_key(weights_id, tower, precision)
+    entry = Path(cache_dir) / key
+    probe = _reference(model, tower)
+    built = False
+    for attempt in range(2):
+        if not entry.is_dir():
+            log.info("converting the CLIP %s tower to OpenVINO (%s); cached at %s", tower, precision, entry)
+            entry = _write_entry(model, tower, key, Path(cache_dir), precision, weights_id)
+            built = True
+        try:
+            _check_entry(entry)
+            compiled = _compile_entry(entry, precision, threads, probe)
+            compiled.built, compiled.seconds = built, time.perf_counter() - started
+            return compiled
+        except Exception as exc:
+            if attempt:
+                raise
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("OpenVINO cache entry %s is unusable (%s); rebuilding it", entry, reason)
+            if on_rebuild is not None:
+                on_rebuild(reason)
+            shutil.rmtree(entry, ignore_errors=True)
+    raise AssertionError("unreachable")
