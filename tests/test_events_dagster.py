@@ -7,6 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from dagster import (
+    AssetCheckSeverity,
     DagsterInstance,
     Definitions,
     RunRequest,
@@ -99,6 +100,9 @@ def test_assets_embed_a_batch_and_group_visitors(env):
     [check] = third.get_asset_check_evaluations()
     assert check.check_name == "event_embeddings_not_given_up" and not check.passed
     assert "| broken | 2 |" in check.metadata["given_up"].value
+    assert check.severity == AssetCheckSeverity.WARN
+    assert re.fullmatch(r"1 thumbnail given up for clip:tiny-clip@sha256:\w+: broken: event broken: .*not valid base64.*",
+                        check.description)
     assert count(db, EventEmbedding) == 6
 
 
@@ -216,5 +220,6 @@ def test_definitions_load_and_the_backfill_job_runs(env):
     assert {m.asset_key.path[-1] for m in result.asset_materializations_for_node("event_embeddings")} == {"event_embeddings"}
     checks = result.get_asset_check_evaluations()
     assert [(c.check_name, c.passed) for c in checks] == [("event_embeddings_not_given_up", True)]
+    assert checks[0].description.startswith("no thumbnail given up for clip:tiny-clip@sha256:")
     assert count(db, EventEmbedding) == 2 and count(db, EntityEvent) == 2
     assert defs.resolve_schedule_def("event_embedding_backfill_schedule").cron_schedule == "*/15 * * * *"

@@ -80,6 +80,28 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert str(info.value).startswith("refs/huge.png:")
 
 
+def test_a_bomb_beyond_pillows_own_ceiling_quotes_our_limit_not_pillows_text():
+    with pytest.raises(ImageError) as info:
+        load_image(_png_header_only(30_000, 30_000), name="refs/huge.png")
+    message = str(info.value)
+    assert message == ("refs/huge.png: rejected as a decompression bomb: its header declares more than the limit "
+                       "of 64000000 pixels")
+    assert "DOS attack" not in message
+
+
+def test_large_png_is_reduced_right_after_decoding_when_the_embedder_needs_less(tmp_path):
+    rgba = np.zeros((2000, 1800, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 255
+    rgba[:, :900, 3] = 0  # the left half fully transparent: white once composited
+    path = tmp_path / "large.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    assert load_image(path).shape == (2000, 1800, 3)
+    reduced = load_image(path, min_side=448)
+    assert reduced.shape == (500, 450, 3)  # factor 4 keeps both sides >= 448
+    assert (reduced[:, :220] == 255).all() and (reduced[:, 230:, 0] == 200).all() and (reduced[:, 230:, 1] == 0).all()
+
+
 def test_images_above_our_pixel_limit_are_refused(tmp_path):
     path = tmp_path / "big.png"
     Image.fromarray(_noise_rgb(100, 100)).save(path)

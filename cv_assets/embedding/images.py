@@ -7,7 +7,12 @@ a person looking at the picture would expect, or rejected with an `ImageError`
 whose message names the source:
 
 - truncated or corrupt files are rejected (Pillow never half-decodes them here);
-- decompression bombs (more than `max_pixels`) are rejected before decoding;
+- decompression bombs (more than `max_pixels`) are rejected from the header, before
+  decoding, with this module's limit in the message (never Pillow's own text);
+- with `min_side` (the embedder's input size, oversampled), large images are decoded
+  or reduced to about that size: JPEGs in the DCT domain (`draft`), other formats by an
+  integer box reduction right after decoding, so the conversions below never run at
+  full size (a 64 Mpx RGBA PNG costs its decode, not gigabytes of float copies);
 - EXIF orientation is applied, so a portrait photo stays portrait;
 - transparency (RGBA, LA, palette with a transparent index) is composited on
   white, so colour hidden under alpha = 0 never shows up;
@@ -95,8 +100,11 @@ def _decode(opener, label: str, *, max_pixels: int, min_side: int | None) -> np.
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = opener()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(label, f"rejected as a decompression bomb: {exc}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own thresholds lie above ours; say which limit was crossed, not Pillow's.
+        raise ImageError(
+            label, f"rejected as a decompression bomb: its header declares more than the limit of {max_pixels} pixels"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(label, "not a recognised image format") from None
     except OSError as exc:
@@ -105,7 +113,7 @@ def _decode(opener, label: str, *, max_pixels: int, min_side: int | None) -> np.
         _check_pixels(image, label, max_pixels)
         if min_side and image.format == "JPEG":
             image.draft(None, (min_side, min_side))
-        return pil_to_rgb(image, label, max_pixels=max_pixels)
+        return pil_to_rgb(image, label, max_pixels=max_pixels, min_side=min_side)
 
 
 def _check_pixels(image: Image.Image, label: str, max_pixels: int) -> None:
@@ -120,7 +128,7 @@ def _check_pixels(image: Image.Image, label: str, max_pixels: int) -> None:
         )
 
 
-def pil_to_rgb(image: Image.Image, label: str, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def pil_to_rgb(image: Image.Image, label: str, *, max_pixels: int = MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
     """Fully decode a PIL image and convert it to RGB uint8 (see the module docstring)."""
     _check_pixels(image, label, max_pixels)
     try:
@@ -129,7 +137,25 @@ def pil_to_rgb(image: Image.Image, label: str, *, max_pixels: int = MAX_PIXELS) 
         # "image file is truncated", broken Huffman data, bad palette ...
         raise ImageError(label, f"corrupt or truncated image data: {exc}") from None
     image = _apply_exif_orientation(image)
+    if min_side:
+        image = _reduce_to(image, min_side)
     return _to_rgb(image, label)
+
+
+# Modes Pillow's integer reduction handles (LA/RGBA with premultiplied alpha).
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK")
+
+
+def _reduce_to(image: Image.Image, min_side: int) -> Image.Image:
+    """Shrink by the largest integer factor that keeps both sides at least `min_side`
+    (a box filter: no aliasing, and the embedder's resize still sees detail)."""
+    factor = min(image.size) // min_side
+    if factor < 2 or image.mode not in _REDUCIBLE_MODES:
+        return image
+    try:
+        return image.reduce(factor)
+    except (ValueError, OSError):
+        return image
 
 
 EXIF_ORIENTATION = 0x0112

@@ -164,7 +164,7 @@ class BoundedLines:
             if len(raw) > self.max_bytes and not raw.endswith(b"\n"):
                 skipped = len(raw) + self._skip_rest_of_line()
                 self.problems.append((self.line_no, RowError(
-                    f"line is {skipped} bytes or more, longer than events.import_max_line_bytes={self.max_bytes}; "
+                    f"line is {skipped} bytes, longer than events.import_max_line_bytes={self.max_bytes}; "
                     "skipped unread")))
                 continue
             try:
