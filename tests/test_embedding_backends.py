@@ -1,0 +1,237 @@
+"""Embedder backends and precisions: the `auto` rules, the OpenVINO cache, and that every
+backend/precision gives the fp32 torch vectors (cosine >= 0.999) under the same model_version."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from cv_assets.embedding import ClipEmbedder, EmbedderConfigError
+from cv_assets.embedding.runtime import Capabilities, Runtime, choose_runtime
+from cv_assets.settings import EmbedderSettings
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAS_OPENVINO, reason="openvino is not installed")
+
+PLAIN_CPU = Capabilities(cuda=False, cpu_bf16=False, openvino=False)
+BF16_CPU = Capabilities(cuda=False, cpu_bf16=True, openvino=False)
+BF16_CPU_OV = Capabilities(cuda=False, cpu_bf16=True, openvino=True)
+PLAIN_CPU_OV = Capabilities(cuda=False, cpu_bf16=False, openvino=True)
+GPU = Capabilities(cuda=True, cpu_bf16=True, openvino=True)
+
+
+def _frames(count: int = 5) -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    frames = []
+    for index in range(count):
+        height, width = [(180, 320), (240, 240), (300, 200), (97, 151), (720, 1280)][index % 5]
+        yy, xx = np.mgrid[0:height, 0:width]
+        base = np.stack([xx * 255 // width, yy * 255 // height, np.full_like(xx, 40 * index)], axis=-1)
+        frames.append(np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8))
+    return frames
+
+
+TEXTS = ["a red car", "blue", "a blue car in the rain at night", "red red red"]
+
+
+# -- choosing the runtime -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capabilities, expected", [
+    (PLAIN_CPU, Runtime("cpu", "torch", "fp32")),          # no bf16 instructions: fp32
+    (PLAIN_CPU_OV, Runtime("cpu", "openvino", "fp32")),    # OpenVINO is faster at fp32 too
+    (BF16_CPU, Runtime("cpu", "torch", "bf16")),           # bf16 CPU without OpenVINO: torch bf16
+    (BF16_CPU_OV, Runtime("cpu", "openvino", "bf16")),     # bf16 CPU with OpenVINO: OpenVINO bf16
+    (GPU, Runtime("cuda", "torch", "fp16")),               # CUDA: torch fp16
+])
+def test_auto_picks_the_fastest_runtime_the_machine_has(capabilities, expected):
+    assert choose_runtime("auto", "auto", "auto", capabilities) == expected
+
+
+def test_explicit_choices_are_kept_and_impossible_ones_are_config_errors():
+    assert choose_runtime("cpu", "torch", "auto", GPU) == Runtime("cpu", "torch", "bf16")
+    assert choose_runtime("cpu", "auto", "fp32", BF16_CPU_OV) == Runtime("cpu", "openvino", "fp32")
+    assert choose_runtime("auto", "torch", "bf16", PLAIN_CPU) == Runtime("cpu", "torch", "bf16")
+    assert choose_runtime("cuda", "auto", "fp32", GPU) == Runtime("cuda", "torch", "fp32")
+    with pytest.raises(EmbedderConfigError, match="openvino package is not installed"):
+        choose_runtime("cpu", "openvino", "auto", PLAIN_CPU)
+    with pytest.raises(EmbedderConfigError, match="embedder.device is 'cuda' but torch sees no CUDA device"):
+        choose_runtime("cuda", "auto", "auto", PLAIN_CPU_OV)
+    with pytest.raises(EmbedderConfigError, match="backend 'openvino' runs on the CPU"):
+        choose_runtime("cuda", "openvino", "auto", GPU)
+
+
+def test_the_embedder_takes_its_runtime_from_the_probe_and_loads_nothing(tiny_clip_dir):
+    settings = EmbedderSettings(model=str(tiny_clip_dir))
+    embedder = ClipEmbedder(settings, capabilities=PLAIN_CPU)
+    assert (embedder.device, embedder.backend, embedder.precision, embedder.dtype) == \
+        ("cpu", "torch", "fp32", torch.float32)
+    bf16 = ClipEmbedder(settings, capabilities=BF16_CPU)
+    assert (bf16.backend, bf16.precision, bf16.dtype) == ("torch", "bf16", torch.bfloat16)
+    ov = ClipEmbedder(settings, capabilities=BF16_CPU_OV)
+    assert (ov.backend, ov.precision, ov.dtype) == ("openvino", "bf16", torch.float32)  # converts from fp32
+    assert embedder._loaded is None and bf16._loaded is None and ov._loaded is None  # still lazy
+    with pytest.raises(EmbedderConfigError, match="openvino package is not installed"):
+        ClipEmbedder(settings.model_copy(update={"backend": "openvino"}), capabilities=PLAIN_CPU)
+
+
+def test_cuda_uses_its_own_batch_size(tiny_clip_dir):
+    if not torch.cuda.is_available():
+        # The rule, without a GPU: a probe that reports one picks the CUDA batch size.
+        settings = EmbedderSettings(model=str(tiny_clip_dir), batch_size=8, cuda_batch_size=256)
+        assert ClipEmbedder(settings, capabilities=PLAIN_CPU).batch_size == 8
+        return
+    embedder = ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir)))
+    assert (embedder.device, embedder.precision, embedder.batch_size) == ("cuda", "fp16", 256)
+
+
+# -- every backend and precision agrees with fp32 torch ------------------------------------------
+
+
+def _available_runtimes() -> list[tuple[str, str]]:
+    runtimes = [("torch", "fp32"), ("torch", "bf16"), ("torch", "fp16")]
+    if HAS_OPENVINO:
+        runtimes += [("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "fp16")]
+    return runtimes
+
+
+@pytest.fixture(scope="module")
+def compiled_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_clip_dir):
+    fp32 = ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir), device="cpu", backend="torch", precision="fp32"))
+    return fp32, fp32.embed_images(_frames()), fp32.embed_texts(TEXTS)
+
+
+@pytest.mark.parametrize("backend, precision", _available_runtimes())
+def test_every_backend_and_precision_stays_within_cosine_0999_of_fp32(
+        backend, precision, tiny_clip_dir, compiled_cache, reference):
+    fp32, images, texts = reference
+    embedder = ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir), device="cpu", backend=backend,
+                                             precision=precision, compiled_cache_dir=compiled_cache, batch_size=2))
+    vectors = embedder.embed_images(_frames())
+    assert vectors.shape == images.shape and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert (vectors * images).sum(axis=1).min() >= 0.999
+    text_vectors = embedder.embed_texts(TEXTS)
+    assert (text_vectors * texts).sum(axis=1).min() >= 0.999
+    single = embedder.generate_embedding(_frames()[0])
+    assert float(single @ images[0]) >= 0.999
+    # One vector space: the version is the model's, whatever runs it; the runtime is reported.
+    assert embedder.model_version == fp32.model_version
+    assert embedder.backend == backend
+    # OpenVINO computes in f32 where the CPU lacks bf16/fp16, and says so.
+    assert embedder.precision in (precision, "fp32")
+    assert embedder.describe()["backend"] == backend and embedder.describe()["precision"] == embedder.precision
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_fp16_agrees_with_cpu_fp32(tiny_clip_dir, reference):
+    _, images, texts = reference
+    embedder = ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir), device="cuda"))
+    assert (embedder.backend, embedder.precision) == ("torch", "fp16")
+    frames = _frames() * 60  # more than one 256 batch: the pinned ring and the deferred copy-back
+    vectors = embedder.embed_images(frames)
+    assert vectors.shape == (len(frames), 512)
+    assert (vectors * np.tile(images, (60, 1))).sum(axis=1).min() >= 0.999
+    assert (embedder.embed_texts(TEXTS) * texts).sum(axis=1).min() >= 0.999
+
+
+# -- the OpenVINO cache --------------------------------------------------------------------------
+
+
+def _openvino(tiny_clip_dir, cache) -> ClipEmbedder:
+    return ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir), device="cpu", backend="openvino",
+                                         precision="fp32", compiled_cache_dir=cache))
+
+
+def _entries(cache):
+    return sorted(path for path in cache.iterdir() if path.is_dir() and not path.name.startswith("."))
+
+
+@needs_openvino
+def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_clip_dir, tmp_path, reference):
+    _, images, _ = reference
+    cache = tmp_path / "ov-cache"
+    first = _openvino(tiny_clip_dir, cache)
+    first.ensure_ready()
+    assert first._image_tower.built
+    [entry] = _entries(cache)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["precision"] == "fp32" and manifest["tower"] == "image"
+    assert manifest["weights"].startswith("sha256:")
+    written = (entry / "model.bin").stat().st_mtime_ns
+
+    # A second process (a new embedder) loads the entry instead of converting again.
+    second = _openvino(tiny_clip_dir, cache)
+    second.ensure_ready()
+    assert not second._image_tower.built and _entries(cache) == [entry]
+    assert (entry / "model.bin").stat().st_mtime_ns == written
+    np.testing.assert_allclose(second.embed_images(_frames()), first.embed_images(_frames()), atol=1e-5)
+
+    def alter_weights():
+        # Same size, other bytes: only the probe check can tell (once OpenVINO's compiled blob,
+        # which holds its own copy of the weights, is gone too).
+        weights = bytearray((entry / "model.bin").read_bytes())
+        weights[len(weights) // 3: len(weights) // 3 + 4096] = bytes(4096)
+        weights[-4096:] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        (entry / "model.bin").write_bytes(bytes(weights))
+        shutil.rmtree(entry / "compiled")
+
+    def garble_compiled_blobs():
+        for blob in (entry / "compiled").iterdir():
+            blob.write_bytes(b"\0garbage" * 100)
+
+    for damage in (
+        alter_weights,
+        garble_compiled_blobs,
+        lambda: (entry / "model.bin").write_bytes((entry / "model.bin").read_bytes()[:1000]),  # truncated
+        lambda: (entry / "model.xml").write_text("<not a model"),
+        lambda: (entry / "manifest.json").write_text("{"),
+        lambda: (entry / "model.xml").unlink(),
+    ):
+        damage()
+        rebuilt = _openvino(tiny_clip_dir, cache)
+        rebuilt.ensure_ready()  # never fatal
+        assert (rebuilt.embed_images(_frames()) * images).sum(axis=1).min() >= 0.999
+        assert _entries(cache) == [entry]
+        if damage is not garble_compiled_blobs:  # OpenVINO itself recompiles over a bad blob
+            assert rebuilt._image_tower.built
+
+
+@needs_openvino
+def test_openvino_cache_key_covers_weights_and_precision(tiny_clip_dir, tiny_clip_dir_b, tmp_path):
+    cache = tmp_path / "ov-cache"
+    _openvino(tiny_clip_dir, cache).ensure_ready()
+    _openvino(tiny_clip_dir_b, cache).ensure_ready()
+    ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir), device="cpu", backend="openvino",
+                                  precision="bf16", compiled_cache_dir=cache)).ensure_ready()
+    names = [entry.name for entry in _entries(cache)]
+    assert len(names) == 3 and sum(name.startswith("image-bf16-") for name in names) == 1
+
+
+@needs_openvino
+def test_in_memory_models_are_keyed_by_their_tensors(tiny_clip_dir, tmp_path):
+    from transformers import CLIPModel
+
+    cache = tmp_path / "ov-cache"
+    model = CLIPModel.from_pretrained(str(tiny_clip_dir))
+    one = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
+                                  precision="fp32", compiled_cache_dir=cache)
+    assert one._image_tower.built
+    two = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
+                                  precision="fp32", compiled_cache_dir=cache)
+    assert not two._image_tower.built
+    with torch.no_grad():
+        model.visual_projection.weight.mul_(-1)
+    three = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
+                                    precision="fp32", compiled_cache_dir=cache)
+    assert three._image_tower.built and len(_entries(cache)) == 2
