@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -140,11 +141,7 @@ def load_manifest(project_dir: Path, limits: ManifestLimits | None = None) -> Pr
     limits = limits or ManifestLimits()
     path = Path(project_dir) / MANIFEST_NAME
     raw_bytes = _read_capped(path, Path(project_dir), limits)
-    data = _parse_yaml(path, raw_bytes, limits)
-    try:
-        spec = ManifestSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ManifestError(f"{path}: " + "; ".join(_field_errors(exc))) from None
+    spec = _validated_spec(path, raw_bytes, limits)
     folder_name = Path(project_dir).name
     if spec.project != folder_name:
         raise ManifestError(
@@ -175,6 +172,43 @@ def discover_manifests(
         except ManifestError as exc:
             bad[printable(folder.name)] = str(exc)
     return good, bad
+
+
+# Parsed specs by (path, sha256 of the bytes, caps): a sensor tick re-reads every manifest,
+# and parsing (YAML, then the schema) is nearly all of the cost of a large one. A pure
+# optimisation: the spec is a function of the key, so a hit and a miss give the same result.
+# Bounded by the manifest bytes it stands for.
+_SPEC_CACHE: OrderedDict[tuple, tuple[ManifestSpec | None, str | None, int]] = OrderedDict()
+_SPEC_CACHE_MAX_BYTES = 4 * 1024 * 1024
+
+
+def clear_cache() -> None:
+    """Forget parsed manifests (benchmarks measure a cold parse with it)."""
+    _SPEC_CACHE.clear()
+
+
+def _validated_spec(path: Path, raw_bytes: bytes, limits) -> ManifestSpec:
+    key = (str(path), hashlib.sha256(raw_bytes).digest(), limits.max_bytes, limits.max_scenes)
+    if key in _SPEC_CACHE:
+        _SPEC_CACHE.move_to_end(key)
+        spec, error, _ = _SPEC_CACHE[key]
+    else:
+        try:
+            spec, error = ManifestSpec.model_validate(_parse_yaml(path, raw_bytes, limits)), None
+        except ValidationError as exc:
+            spec, error = None, f"{path}: " + "; ".join(_field_errors(exc))
+        except ManifestError as exc:
+            spec, error = None, str(exc)
+        _remember(key, spec, error, len(raw_bytes))
+    if error is not None:
+        raise ManifestError(error)
+    return spec  # shared between hits: nothing mutates a validated spec
+
+
+def _remember(key: tuple, spec: ManifestSpec | None, error: str | None, size: int) -> None:
+    _SPEC_CACHE[key] = (spec, error, size)
+    while sum(entry[2] for entry in _SPEC_CACHE.values()) > _SPEC_CACHE_MAX_BYTES and len(_SPEC_CACHE) > 1:
+        _SPEC_CACHE.popitem(last=False)
 
 
 def _has_manifest_entry(folder: Path) -> bool:

@@ -179,13 +179,24 @@ def _cancel_in_flight(instance: DagsterInstance, session: str, in_run: bool) -> 
 
 
 def _failure_text(result) -> str | None:
-    """`step: message` of the first failed step, or None."""
+    """`step <key> failed: <message>` for the first failed step (the underlying error, not
+    Dagster's "Exceeded max_retries" wrapper), or None when the run succeeded."""
     for event in result.all_events:
         if event.is_step_failure:
-            error = event.step_failure_data.error
-            message = (error.message if error else "failed").strip().splitlines()[0]
+            message = _root_message(event.step_failure_data.error)
             return printable(f"step {event.step_key} failed: {message}")
     return None if result.success else "the run failed before any step ran"
+
+
+def _root_message(error) -> str:
+    """The first line of the innermost error that says something (retries wrap the cause)."""
+    chain = []
+    while error is not None:
+        chain.append(error)
+        error = error.cause or error.context
+    useful = [e for e in chain if "max_retries" not in (e.message or "")] or chain or [None]
+    text = (useful[0].message if useful[0] is not None else "") or "failed"
+    return text.strip().splitlines()[0] if text.strip() else "failed"
 
 
 def _metadata_value(result, asset_name: str, key: str):
