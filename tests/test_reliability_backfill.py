@@ -1,7 +1,12 @@
-"""A large scheduled backfill: 10,000 events, 1% with corrupted thumbnails, embedded batch by
-batch by the runs `event_embedding_backfill_schedule` requests, until it skips. Every good
-event is embedded exactly once, every bad one is recorded with exactly max_attempts
-attempts, a second pass does nothing, and memory stays flat."""
+"""A scheduled backfill to the end: events with 1 in 12 corrupted thumbnails, embedded
+batch by batch by the runs `event_embedding_backfill_schedule` requests, until it skips.
+Every good event is embedded exactly once, every bad one is recorded with exactly
+max_attempts attempts, no batch exceeds max_batch, and a second pass does nothing.
+
+A small batch size makes the few hundred events take many runs, which is what the
+invariants are about (how memory behaves over thousands of events is measured in
+`benchmarks/events.py`, not asserted here).
+"""
 
 import base64
 import json
@@ -9,8 +14,6 @@ from datetime import datetime, timedelta, timezone
 
 import cv2
 import numpy as np
-import pytest
-import torch
 from dagster import DagsterInstance, build_schedule_context
 from sqlalchemy import func, select
 
@@ -20,18 +23,12 @@ from cv_assets.events.search import clear_vector_indexes
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import EmbeddingFailure, EventEmbedding
 
-N_EVENTS = 10_000
-CORRUPT_EVERY = 100  # 1%
-PALETTE = 200  # distinct scenes the thumbnails show, so visitors group into a bounded set
-MAX_RUNS = 110  # a guard: the loop must stop by itself long before this
-# Memory the backfill may add over the process after its first run (model loaded). The
-# work is one batch at a time; what grows with the events is the in-memory vector index
-# (10,000 x 512 float32 = 20 MB) and Dagster's in-memory record of every run. Measured:
-# about +100 MB at the peak, flat after the first runs; the bounds leave a wide margin.
-MAX_PEAK_GROWTH_MB = 400
-# Between run 20 and the last run the resident size must stay nearly flat.
-MAX_LATE_GROWTH_MB = 150
-LATE_RUN = 20
+N_EVENTS = 120
+CORRUPT_EVERY = 12
+MAX_BATCH = 20
+MAX_ATTEMPTS = 3
+PALETTE = 20  # distinct scenes the thumbnails show, so visitors group into a bounded set
+MAX_RUNS = 100  # a guard: the loop must stop by itself long before this
 
 
 def _thumbnail(rng, colour) -> bytes:
@@ -58,7 +55,7 @@ def _write_events(path, n: int) -> set[str]:
         for i in range(n):
             event_id = f"evt-{i:05d}"
             data = _thumbnail(rng, palette[i % PALETTE])
-            if i % CORRUPT_EVERY == 37:
+            if i % CORRUPT_EVERY == 7:
                 data = _corrupt(data, i // CORRUPT_EVERY)
                 corrupted.add(event_id)
             out.write(json.dumps({
@@ -68,39 +65,17 @@ def _write_events(path, n: int) -> set[str]:
     return corrupted
 
 
-def _memory_kb() -> dict[str, int]:
-    with open("/proc/self/status") as status:
-        return {line.split(":")[0]: int(line.split()[1]) for line in status if line.startswith(("VmRSS", "VmHWM"))}
-
-
-def _reset_peak_memory() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
 def _run_metadata(result) -> dict:
     [materialization] = result.asset_materializations_for_node("event_embeddings")
     return {key: value.value for key, value in materialization.metadata.items()}
 
 
-@pytest.fixture
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.mark.slow
-def test_large_scheduled_backfill_embeds_every_good_event_once(tmp_path, tiny_clip_dir, restore_torch_threads):
+def test_scheduled_backfill_embeds_every_good_event_once(tmp_path, tiny_clip_dir):
     clear_vector_indexes()
     store = h.make_store(tmp_path / "store", None,
-                         embedder={"model": str(tiny_clip_dir), "fallback": "none", "device": "cpu"})
+                         embedder={"model": str(tiny_clip_dir), "fallback": "none", "device": "cpu"},
+                         events={"max_batch": MAX_BATCH, "max_attempts": MAX_ATTEMPTS})
     events = store.settings.events
-    assert events.max_batch == 100 and events.max_attempts == 3
     corrupted = _write_events(tmp_path / "events.jsonl", N_EVENTS)
     db = AppDatabase(store.settings.storage.sqlite_url)
     imported = import_events(db, tmp_path / "events.jsonl", thumbnails_root=store.settings.storage.thumbnails_root,
@@ -117,7 +92,6 @@ def test_large_scheduled_backfill_embeds_every_good_event_once(tmp_path, tiny_cl
             return schedule.evaluate_tick(ctx)
 
     per_run, skip = [], None
-    baseline = peak_reset = late = None
     while len(per_run) < MAX_RUNS:
         data = evaluate(tick)
         if not data.run_requests:
@@ -127,27 +101,18 @@ def test_large_scheduled_backfill_embeds_every_good_event_once(tmp_path, tiny_cl
             result = job.execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags)
             assert result.success
             per_run.append(_run_metadata(result))
-            if baseline is None:  # after the first run: the model is loaded, caches warm
-                peak_reset = _reset_peak_memory()
-                baseline = _memory_kb()["VmRSS"]
-                # One intra-op thread: on a busy 2-core runner, two OpenMP threads spinning
-                # against other processes made each batch ~6x slower (this is no speed test).
-                torch.set_num_threads(1)
-            if len(per_run) == LATE_RUN:
-                late = _memory_kb()["VmRSS"]
         tick += timedelta(minutes=15)
-    memory = _memory_kb()
-    peak = memory["VmHWM"] if peak_reset else memory["VmRSS"]
 
     assert skip is not None, f"the schedule still requested runs after {len(per_run)}"
     assert "every event has an embedding" in skip
     good = N_EVENTS - len(corrupted)
     assert len(corrupted) == N_EVENTS // CORRUPT_EVERY
     assert sum(r["embedded"] for r in per_run) == good  # each good event embedded in exactly one run
-    assert sum(r["failed"] for r in per_run) == len(corrupted) * events.max_attempts
-    assert all(r["batch_size"] == 100 and r["embedded"] + r["failed"] <= 100 for r in per_run)
-    # Full batches until the end: 9,900 embeddings plus 3 attempts per bad event.
-    assert -(-(good + 3 * len(corrupted)) // 100) <= len(per_run) <= -(-(good + 3 * len(corrupted)) // 100) + 2
+    assert sum(r["failed"] for r in per_run) == len(corrupted) * MAX_ATTEMPTS
+    assert all(r["batch_size"] == MAX_BATCH and r["embedded"] + r["failed"] <= MAX_BATCH for r in per_run)
+    # Full batches until the end: every good event once plus max_attempts tries per bad one.
+    needed = -(-(good + MAX_ATTEMPTS * len(corrupted)) // MAX_BATCH)
+    assert needed <= len(per_run) <= needed + 2
 
     version = per_run[0]["model_version"]
     with db.read() as session:
@@ -157,7 +122,7 @@ def test_large_scheduled_backfill_embeds_every_good_event_once(tmp_path, tiny_cl
     assert vectors == [(version, good)]
     assert embedded_ids.isdisjoint(corrupted) and len(embedded_ids) == good
     assert {f.item_id for f in failures} == corrupted
-    assert {f.attempts for f in failures} == {events.max_attempts}
+    assert {f.attempts for f in failures} == {MAX_ATTEMPTS}
     assert all(f.item_id in f.reason and f.model_version == version for f in failures)
     assert per_run[-1]["remaining"] == 0 and per_run[-1]["skipped"] == len(corrupted)
 
@@ -167,12 +132,5 @@ def test_large_scheduled_backfill_embeds_every_good_event_once(tmp_path, tiny_cl
     assert (again["embedded"], again["failed"], again["remaining"]) == (0, 0, 0)
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(EventEmbedding)) == good
-        assert {f.attempts for f in session.scalars(select(EmbeddingFailure))} == {events.max_attempts}
-
-    growth_mb, late_growth_mb = (peak - baseline) / 1024, (memory["VmRSS"] - late) / 1024
-    print(f"\nlarge backfill: {len(per_run)} runs, {good} embedded, {len(corrupted)} given up; RSS after the "
-          f"first run {baseline / 1024:.0f} MB, peak {peak / 1024:.0f} MB (+{growth_mb:.0f} MB), "
-          f"run {LATE_RUN} to the end {late_growth_mb:+.0f} MB")
-    assert growth_mb < MAX_PEAK_GROWTH_MB
-    assert late_growth_mb < MAX_LATE_GROWTH_MB
+        assert {f.attempts for f in session.scalars(select(EmbeddingFailure))} == {MAX_ATTEMPTS}
     clear_vector_indexes()
