@@ -16,3 +16,12 @@ def build_vit_b32(path: Path, seed: int = 0) -> Path:
     CLIPModel(CLIPConfig(projection_dim=512)).save_pretrained(path, safe_serialization=True)
     CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(path)
     return Path(path)
+
+
+def build_vit_b32_model(seed: int = 0):
+    """The full CLIP ViT-B/32 architecture with random weights, in memory (eval mode, fp32)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(projection_dim=512)).eval()

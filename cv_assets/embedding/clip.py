@@ -155,7 +155,7 @@ def state_dict_digest(model: Any) -> str:
     model that exists only in memory."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
@@ -268,6 +268,7 @@ class ClipEmbedder(Embedder):
         self._image_tower = None
         self._text_tower = None
         self._pinned = PinnedBatches() if not on_cpu else None
+        self.threads = available_cores()  # OpenVINO's inference threads (torch's: configure_cpu_threads)
         self._lock = threading.Lock()
 
     # -- loading -------------------------------------------------------------------
@@ -288,6 +289,7 @@ class ClipEmbedder(Embedder):
         dtype: torch.dtype | None = None,
         compiled_cache_dir: Path | None = None,
         capabilities: Capabilities | None = None,
+        threads: int | None = None,
     ) -> "ClipEmbedder":
         """Wrap a `CLIPModel` already in memory (benchmarks, notebooks); the caller names its version.
         (`dtype` is the older spelling of `precision` for the torch backend.)"""
@@ -298,6 +300,9 @@ class ClipEmbedder(Embedder):
                                     compiled_cache_dir=compiled_cache_dir)
         embedder = cls(settings, capabilities)
         configure_cpu_threads(embedder.device)
+        if threads:
+            embedder.threads = threads
+            torch.set_num_threads(threads)
         model = model.to(device=embedder.device, dtype=embedder.dtype).eval()
         preprocess = preprocess or PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
         weights_id = f"state-sha256:{state_dict_digest(model)}" if embedder.backend == "openvino" else model_version
@@ -325,7 +330,7 @@ class ClipEmbedder(Embedder):
         from cv_assets.embedding.openvino_backend import load_tower
 
         return load_tower(loaded.model, tower, weights_id=loaded.weights_id, precision=self.precision,
-                          cache_dir=self.compiled_cache_dir, threads=available_cores())
+                          cache_dir=self.compiled_cache_dir, threads=self.threads)
 
     @property
     def compiled_cache_dir(self) -> Path:
