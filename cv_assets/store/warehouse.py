@@ -93,6 +93,8 @@ CREATE TABLE IF NOT EXISTS continuity_history (
 
 PARTITIONED_TABLES = ("clips", "sampled_frames", "frame_embeddings", "appearance_embeddings")
 LOCK_ERRORS = ("Could not set lock", "Conflicting lock", "database is locked")
+# What DuckDB says about a damaged file or one that is not a DuckDB database.
+CORRUPT_ERRORS = ("not a valid DuckDB database", "Corrupt database file", "checksum", "is not a DuckDB")
 
 
 class WarehouseError(RuntimeError):
@@ -133,9 +135,9 @@ class Warehouse:
         while True:
             try:
                 return duckdb.connect(str(self.path), read_only=read_only)
-            except duckdb.IOException as exc:
+            except duckdb.Error as exc:
                 if not any(msg in str(exc) for msg in LOCK_ERRORS):
-                    raise WarehouseError(f"could not open DuckDB warehouse {self.path}: {exc}") from None
+                    raise self._unusable(exc) from None
                 if time.monotonic() > deadline:
                     raise WarehouseError(
                         f"could not open DuckDB warehouse {self.path} within {self.open_timeout_sec:g} s: {exc}. "
@@ -143,6 +145,17 @@ class Warehouse:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+    def _unusable(self, exc: BaseException) -> WarehouseError:
+        """The error for a file DuckDB cannot use: corrupt, or not a DuckDB database at all."""
+        text = str(exc)
+        if any(marker in text for marker in CORRUPT_ERRORS):
+            return WarehouseError(
+                f"the DuckDB warehouse {self.path} is corrupt or not a DuckDB database ({text}). It holds only "
+                f"derived data: move it aside (mv {self.path} {self.path}.broken) and re-materialise the "
+                "projects to rebuild it"
+            )
+        return WarehouseError(f"could not open DuckDB warehouse {self.path}: {text}")
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -152,14 +165,22 @@ class Warehouse:
             try:
                 yield con
                 con.commit()
-            except BaseException:
-                con.rollback()
+            except BaseException as exc:
+                with suppress(duckdb.Error):
+                    con.rollback()
+                if isinstance(exc, duckdb.Error) and any(m in str(exc) for m in CORRUPT_ERRORS):
+                    raise self._unusable(exc) from None
                 raise
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pd.DataFrame:
         """Run a read query and return a DataFrame (shared lock, read-only connection)."""
         with self._connect(read_only=True) as con:
-            return con.execute(sql, params or []).df()
+            try:
+                return con.execute(sql, params or []).df()
+            except duckdb.Error as exc:
+                if any(m in str(exc) for m in CORRUPT_ERRORS):
+                    raise self._unusable(exc) from None
+                raise
 
     def replace_partition(self, table: str, project: str, rows: pd.DataFrame) -> int:
         """Replace every row of `project` in `table` with `rows`, in one transaction."""
