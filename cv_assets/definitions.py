@@ -26,3 +26,9 @@ def build_definitions(settings: Settings, config_path: str | None = None) -> Def
 
 
 defs = build_definitions(load_settings())
+
+
+def project_job_from_env():
+    """The project job of the configuration in $CV_ASSETS_CONFIG, importable by reference:
+    `execute_job(reconstructable(project_job_from_env), ...)` rebuilds it in every step process."""
+    return build_definitions(load_settings()).resolve_job_def("project_reprocess_job")

@@ -337,6 +337,14 @@ def _relative(path, root: Path) -> str | None:
         return str(path)
 
 
+def _frame_file(path, frames_dir: Path) -> str | None:
+    """A frame file's path below its project's version folder (`<project>/v-<run>/...`):
+    the version differs from run to run, the rest must not."""
+    relative = _relative(path, frames_dir)
+    parts = Path(relative).parts if relative else ()
+    return str(Path(parts[0], *parts[2:])) if len(parts) > 2 and parts[1].startswith("v-") else relative
+
+
 def warehouse_rows(settings, project: str) -> dict[str, list[tuple]]:
     """The project's rows in each DuckDB table, without run-specific columns (timings,
     timestamps) and with paths relative to their store, sorted."""
@@ -366,7 +374,7 @@ def warehouse_rows(settings, project: str) -> dict[str, list[tuple]]:
         "sampled_frames": sorted(
             (int(r.scene_index), int(r.frame_index), round(float(r.timestamp_sec), 6), tuple(r.reasons),
              None if r.motion_score is None or r.motion_score != r.motion_score else round(float(r.motion_score), 6),
-             _relative(r.image_path, storage.frames_dir), r.width, r.height, r.content_hash)
+             _frame_file(r.image_path, storage.frames_dir), r.width, r.height, r.content_hash)
             for r in frames.itertuples(index=False)
         ),
         "frame_embeddings": sorted(
@@ -432,8 +440,9 @@ def assert_no_duplicates(snap: dict[str, list]) -> None:
 
 
 def frame_files(settings, project: str) -> list[str]:
+    """The project's frame files, each below its version folder (all versions together)."""
     folder = settings.storage.frames_dir / project
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.jpg")) if folder.is_dir() else []
+    return sorted(str(Path(*p.relative_to(folder).parts[1:])) for p in folder.rglob("*.png")) if folder.is_dir() else []
 
 
 # ------------------------------------------------------------------ command line for children

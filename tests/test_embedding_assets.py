@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -229,29 +227,6 @@ def test_model_change_re_embeds_everything(world, settings_factory, tiny_clip_di
     assert {a.embedding_model_version for a in world.assets().values() if a.clip_embedding} == {new_version}
     assert set(world.frame_rows().model_version) == {new_version}
     assert _checks(result) == {"reference_embeddings_are_valid": True, "frame_embeddings_are_valid": True}
-
-
-def test_frames_come_from_the_sampler_cache_when_it_has_them(world, monkeypatch):
-    cached_pixels = _picture(99)
-    key = (PROJECT, 1, 40)  # this frame's JPEG is gone, but the sampler still holds its pixels
-    calls = []
-
-    def get(project, scene_index, frame_index, content_hash):
-        calls.append((project, scene_index, frame_index))
-        return cached_pixels if (project, scene_index, frame_index) == key else None
-
-    fake = types.ModuleType("cv_assets.video.frame_cache")
-    fake.get = get
-    monkeypatch.setitem(sys.modules, "cv_assets.video.frame_cache", fake)
-    import cv_assets.video
-
-    monkeypatch.setattr(cv_assets.video, "frame_cache", fake, raising=False)
-    result = world.run(checks=False)
-    assert _metadata(result, frame_embeddings)["embedded"] == 4
-    assert len(calls) == 4
-    row = world.frame_rows().query("scene_index == 1 and frame_index == 40").iloc[0]
-    embedder = get_embedder(world.settings.embedder)
-    np.testing.assert_allclose(row.embedding, embedder.embed_images([cached_pixels])[0], atol=1e-5)
 
 
 def test_checks_catch_a_vector_that_is_not_unit_length(world):

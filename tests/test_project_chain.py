@@ -11,7 +11,11 @@ from cv_assets.definitions import build_definitions
 from cv_assets.demo import write_demo_data
 from cv_assets.settings import load_settings
 from cv_assets.store import AppDatabase, Warehouse
+from cv_assets.analysis.ground_truth import quality_against_truth
+from cv_assets.store.appearances import load_appearances
+from cv_assets.store.frames import sampled_frame_rows
 from cv_assets.store.models import AssetAppearance, SceneManifest
+from cv_assets.store.projects import load_project
 
 # Floors for the colour-histogram embedder on the demo ground truth (sampled frames,
 # box IoU >= appearances.eval_iou = 0.1). Measured 1.00 precision and recall for all four
@@ -77,13 +81,22 @@ def test_chain_materialises_every_asset_with_rows(demo_env):
 
 
 def test_appearance_quality_against_demo_ground_truth(demo_env):
-    _, _, _, _, result = demo_env
-    quality = _materializations(result)["asset_appearances"]["quality"]
+    settings, _, _, _, result = demo_env
+    db, wh = AppDatabase(settings.storage.sqlite_url), Warehouse(settings.storage.duckdb_path)
+    project = load_project(db, "demo")
+    appearances = load_appearances(db, wh, "demo", project.project_id, "color_histogram-v1")
+    frames = sampled_frame_rows(wh, "demo")
+    quality = quality_against_truth(settings.storage.projects_root / "demo", appearances,
+                                    zip(frames.scene_index, frames.frame_index), [a.code for a in project.assets],
+                                    settings.appearances.eval_iou)
+    assert len(quality) == 4
+    table = _materializations(result)["asset_appearances"]["quality_vs_ground_truth"]
     for code, q in quality.items():
         if q["actual"] == 0:
             continue
         assert q["precision"] is not None and q["precision"] >= MIN_PRECISION, (code, q)
         assert q["recall"] >= MIN_RECALL, (code, q)
+        assert f"| {code} | {q['precision']:.2f} | {q['recall']:.2f} |" in table
 
 
 def test_continuity_scores_are_stored_and_flag_the_problem_scenes(demo_env):

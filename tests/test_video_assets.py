@@ -6,23 +6,22 @@ import hashlib
 
 import cv2
 import pytest
-from dagster import DagsterInstance, Definitions, materialize
+from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
 from cv_assets.defs.resources import build_resources
-from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS, sampled_frames, video_clips
+from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS, video_assets
 from cv_assets.settings import load_settings
 from cv_assets.store import AppDatabase, Warehouse
 from cv_assets.store.models import Project, SceneManifest
 from cv_assets.video import decoder as decoder_module
-from cv_assets.video import extract_frames, frame_cache, sampling_cache
-from video_fixtures import register_project, settings_yaml, write_clip
+from cv_assets.store.frames import frame_image
+from cv_assets.video import extract_frames
+from video_fixtures import materialization, register_project, settings_yaml, write_clip
 
 
 @pytest.fixture
 def env(tmp_path):
     """A config, app database and one project folder (`p1`) inside tmp_path."""
-    sampling_cache.clear()
-    frame_cache.clear()
     config = settings_yaml(tmp_path)
     settings = load_settings(config)
     db = AppDatabase(settings.storage.sqlite_url)
@@ -49,7 +48,7 @@ def two_scene_project(env):
     return a, b
 
 
-def test_materialising_a_project_writes_clips_frames_jpegs_and_the_cache(env):
+def test_materialising_a_project_writes_clips_frames_and_lossless_frame_files(env):
     a, b = two_scene_project(env)
     result = env.run([*VIDEO_ASSETS, *VIDEO_CHECKS])
     assert result.success
@@ -81,29 +80,29 @@ def test_materialising_a_project_writes_clips_frames_jpegs_and_the_cache(env):
     assert (motion_rows.motion_score > 0.15).all()
 
     frames_root = env.settings.storage.frames_dir / "p1"
+    (version,) = [p for p in frames_root.iterdir() if p.is_dir()]
+    assert version.name.startswith("v-")
     for row in frames.itertuples():
-        assert row.image_path == str(frames_root / f"scene_{row.scene_index:03d}" / f"frame_{row.frame_index:06d}.jpg")
-        jpeg = cv2.imread(row.image_path)
-        assert jpeg.shape == (row.height, row.width, 3)
-    assert sorted(p.name for p in frames_root.iterdir()) == ["scene_000", "scene_001"]
+        assert row.image_path == str(version / f"scene_{row.scene_index:03d}" / f"frame_{row.frame_index:06d}.png")
+        assert cv2.imread(row.image_path).shape == (row.height, row.width, 3)
+    assert sorted(p.name for p in version.iterdir()) == ["scene_000", "scene_001"]
 
-    # Hashes are of the decoded pixels, which the frame cache serves to the embedder.
+    # Frames are stored losslessly: the file holds exactly the decoded pixels the hash names.
     extracted = {f.frame_index: f for f in extract_frames(a, scene0.frame_index)}
     for row in scene0.itertuples():
         assert row.content_hash == extracted[row.frame_index].content_hash
-        cached = frame_cache.get("p1", 0, row.frame_index, row.content_hash)
-        assert cached is not None and (cached == extracted[row.frame_index].image).all()
+        stored = frame_image(row)
+        assert stored is not None and (stored == extracted[row.frame_index].image).all()
 
     (check,) = result.get_asset_check_evaluations()
     assert check.passed and "all 2 clips of p1 decode" in check.description
 
-    meta = result.asset_materializations_for_node("sampled_frames")[0].metadata
+    meta = materialization(result, "sampled_frames").metadata
     assert meta["frames"].value == 11
-    assert meta["frames_dir"].value == str(frames_root)
+    assert meta["frames_dir"].value == str(version)
     assert (meta["base_frames"].value, meta["last_frames"].value, meta["motion_frames"].value) == (6, 2, 3)
     assert "| 0 | ok | 7 | 0 (base), 30 (motion), 50 (base)" in meta["frames_table"].value
-    assert meta["sampling_results_reused"].value == 2
-    clip_meta = result.asset_materializations_for_node("video_clips")[0].metadata
+    clip_meta = materialization(result, "video_clips").metadata
     assert clip_meta["scenes"].value == 2 and clip_meta["frames_decoded"].value == 290
     assert "| 1 | ok | h264 | 320x180 | 30 | 90 / 90 | 3 |" in clip_meta["scenes_table"].value
 
@@ -117,22 +116,24 @@ def test_each_clip_is_decoded_once_when_both_assets_run_together(env, monkeypatc
     assert len(opened) == 2
 
 
-def test_sampled_frames_decodes_again_when_the_cache_is_cold(env):
+def test_a_changed_frame_file_is_not_served_as_the_sampled_pixels(env):
     two_scene_project(env)
-    assert env.run([video_clips]).success
-    sampling_cache.clear()
-    result = env.run([sampled_frames])
-    assert result.success
-    meta = result.asset_materializations_for_node("sampled_frames")[0].metadata
-    assert meta["sampling_results_reused"].value == 0 and meta["frames"].value == 11
-    assert env.warehouse.count("sampled_frames", "p1") == 11
+    assert env.run(VIDEO_ASSETS).success
+    row = next(env.warehouse.query("SELECT * FROM sampled_frames WHERE project = 'p1'").itertuples())
+    image = frame_image(row)
+    cv2.imwrite(row.image_path, 255 - image[:, :, ::-1])
+    assert frame_image(row) is None
 
 
-def test_rerun_replaces_rows_and_leaves_no_stale_jpegs(env):
+def test_rerun_replaces_rows_and_leaves_no_stale_frames(env):
     a, b = two_scene_project(env)
     assert env.run(VIDEO_ASSETS).success
     frames_root = env.settings.storage.frames_dir / "p1"
-    assert len(list((frames_root / "scene_000").iterdir())) == 7
+    (first,) = frames_root.glob("v-*")
+    assert len(list((first / "scene_000").iterdir())) == 7
+    # Leftovers of runs killed mid-export (older layouts too) are cleaned by the next run.
+    (frames_root / ".p1.staging-dead").mkdir()
+    (frames_root / "v-killed-run" / "scene_000").mkdir(parents=True)
 
     # Scene 0 is regenerated shorter and still; scene 1 is dropped from the project.
     write_clip(a, n_frames=40)
@@ -141,9 +142,11 @@ def test_rerun_replaces_rows_and_leaves_no_stale_jpegs(env):
         session.query(SceneManifest).filter_by(project_id=project.id, scene_index=1).delete()
     assert env.run(VIDEO_ASSETS).success
 
-    assert sorted(p.name for p in (frames_root / "scene_000").iterdir()) == ["frame_000000.jpg", "frame_000039.jpg"]
-    assert [p.name for p in frames_root.iterdir()] == ["scene_000"]
-    assert [p.name for p in frames_root.parent.iterdir()] == ["p1"]  # no staging or old folders left
+    (second,) = frames_root.glob("v-*")  # earlier versions and leftovers are gone
+    assert second != first and sorted(p.name for p in frames_root.iterdir()) == [".frames.lock", second.name]
+    assert sorted(p.name for p in (second / "scene_000").iterdir()) == ["frame_000000.png", "frame_000039.png"]
+    assert [p.name for p in second.iterdir()] == ["scene_000"]
+    assert [p.name for p in frames_root.parent.iterdir()] == ["p1"]
     assert env.warehouse.count("clips", "p1") == 1
     rows = env.warehouse.query("SELECT frame_index FROM sampled_frames WHERE project = 'p1' ORDER BY frame_index")
     assert list(rows.frame_index) == [0, 39]
@@ -151,12 +154,13 @@ def test_rerun_replaces_rows_and_leaves_no_stale_jpegs(env):
 
 def test_unknown_project_fails_with_a_clear_message(env):
     env.instance.add_dynamic_partitions("projects", ["ghost"])
-    result = env.run([video_clips], key="ghost", raise_on_error=False)
+    result = env.run(VIDEO_ASSETS, key="ghost", raise_on_error=False)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     description = failure.step_failure_data.user_failure_data.description
-    assert description.startswith("project 'ghost' is not in the app database")
-    assert "register it" in description
+    assert description.startswith("project 'ghost' is not registered")
+    assert "materialise project_manifest" in description
+    assert len([e for e in result.all_events if e.event_type_value == "STEP_START"]) == 1  # bad input: no retry
 
 
 def test_absolute_clip_paths_inside_the_project_are_accepted(env):
@@ -173,6 +177,8 @@ def test_definitions_load_with_the_video_assets_and_check(env):
     )
     graph = defs.resolve_asset_graph()
     assert {k.to_user_string() for k in graph.materializable_asset_keys} == {"video_clips", "sampled_frames"}
-    assert [k.to_user_string() for k in graph.get(video_clips.key).parent_keys] == ["project_manifest"]
-    assert graph.get(video_clips.key).group_name == "video"
-    assert video_clips.descriptions_by_key[video_clips.key].startswith("One row per scene")
+    clips_key, frames_key = (AssetKey("video_clips"), AssetKey("sampled_frames"))
+    assert [k.to_user_string() for k in graph.get(clips_key).parent_keys] == ["project_manifest"]
+    assert [k.to_user_string() for k in graph.get(frames_key).parent_keys] == ["video_clips"]
+    assert graph.get(clips_key).group_name == "video"
+    assert video_assets.descriptions_by_key[clips_key].startswith("One row per scene")

@@ -16,8 +16,7 @@ from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS
 from cv_assets.settings import CvAnalysisSettings, SamplingSettings, load_settings
 from cv_assets.store import AppDatabase, Warehouse
 from cv_assets.video import VideoInputError, detect_motion_deltas, extract_frames, sample_video_frames
-from cv_assets.video import sampling_cache
-from video_fixtures import register_project, settings_yaml, truncate_copy, write_clip, write_clip_without_decoder
+from video_fixtures import materialization, register_project, settings_yaml, truncate_copy, write_clip, write_clip_without_decoder
 
 SAMPLING = SamplingSettings()
 CV = CvAnalysisSettings()
@@ -192,7 +191,6 @@ def test_library_functions_raise_clear_errors(tmp_path):
 
 
 def test_project_with_bad_scenes_still_processes_the_good_ones(tmp_path):
-    sampling_cache.clear()
     config = settings_yaml(tmp_path)
     settings = load_settings(config)
     root = tmp_path / "projects" / "p1"
@@ -254,7 +252,7 @@ def test_project_with_bad_scenes_still_processes_the_good_ones(tmp_path):
     frames = warehouse.query("SELECT scene_index, frame_index, reasons FROM sampled_frames WHERE project = 'p1'")
     assert set(frames.scene_index) == {0, 4}
     assert sorted(frames[frames.scene_index == 0].frame_index) == [0, 30, 50, 99]
-    frames_dir = settings.storage.frames_dir / "p1"
+    (frames_dir,) = (settings.storage.frames_dir / "p1").glob("v-*")
     assert sorted(p.name for p in frames_dir.iterdir()) == ["scene_000", "scene_004"]
 
     (check,) = result.get_asset_check_evaluations()
@@ -265,13 +263,12 @@ def test_project_with_bad_scenes_still_processes_the_good_ones(tmp_path):
     assert "scene 0 (" not in check.description
     assert "12 of 13 clips of p1 are not fully decodable" in check.description
 
-    clips_meta = result.asset_materializations_for_node("video_clips")[0].metadata
+    clips_meta = materialization(result, "video_clips").metadata
     assert clips_meta["failed"].value == 11 and clips_meta["partial"].value == 1 and clips_meta["ok"].value == 1
     assert "| 2 | failed |" in clips_meta["scenes_table"].value
 
 
 def test_limits_from_the_config_apply_through_dagster(tmp_path):
-    sampling_cache.clear()
     config = settings_yaml(tmp_path, max_duration_sec=3, max_width=200)
     settings = load_settings(config)
     root = tmp_path / "projects" / "p1"

@@ -19,7 +19,6 @@ from cv_assets.video import (
     detect_motion_deltas,
     extract_frame,
     extract_frames,
-    frame_cache,
     motion_ratio,
     sample_video_frames,
     select_key_frames,
@@ -444,28 +443,3 @@ def test_extracted_and_sampled_pixels_match(tmp_path):
 
 
 # -- frame cache ---------------------------------------------------------------------------------------
-
-
-def test_frame_cache_checks_the_hash_and_stays_within_its_byte_budget():
-    cache = frame_cache.FrameCache(max_bytes=3 * 90 * 160 * 3)
-    images = [np.full((90, 160, 3), i, np.uint8) for i in range(4)]
-    for i, image in enumerate(images):
-        assert cache.put("p", 0, i, f"h{i}", image)
-    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
-    assert cache.get("p", 0, 0, "h0") is None  # oldest evicted
-    got = cache.get("p", 0, 3, "h3")
-    assert np.array_equal(got, images[3]) and not got.flags.writeable
-    assert cache.get("p", 0, 3, "other-hash") is None
-    assert not cache.put("p", 0, 9, "big", np.zeros((300, 300, 3), np.uint8))
-    cache.discard_project("p")
-    assert len(cache) == 0 and cache.nbytes == 0
-
-
-def test_module_level_frame_cache_api():
-    frame_cache.clear()
-    image = np.zeros((4, 4, 3), np.uint8)
-    frame_cache.put("proj", 2, 7, "abc", image)
-    assert frame_cache.get("proj", 2, 7, "abc") is not None
-    assert frame_cache.get("proj", 2, 8, "abc") is None
-    assert frame_cache.stats()["entries"] == 1
-    frame_cache.clear()

@@ -137,3 +137,12 @@ def settings_yaml(tmp_path: Path, **sampling) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def materialization(result, asset_name: str):
+    """The (last) materialization of one asset in a run result, found by asset key, so a
+    multi-asset step is handled like a single one."""
+    found = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()
+             if e.event_specific_data.materialization.asset_key.path[-1] == asset_name]
+    assert found, f"no materialization of {asset_name}"
+    return found[-1]

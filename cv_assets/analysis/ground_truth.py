@@ -28,3 +28,15 @@ def load_ground_truth(project_root: Path, min_visible: float = 0.3) -> dict[tupl
             }
             truth[(int(scene_key), int(frame_key))] = visible
     return truth
+
+
+def quality_against_truth(project_root: Path, appearances, frame_keys, codes, min_iou: float) -> dict[str, dict] | None:
+    """Precision and recall per asset over the evaluated (scene, frame) keys, when the
+    project has ground truth; None otherwise."""
+    from cv_assets.analysis.appearances import evaluate_against_truth
+
+    truth = load_ground_truth(project_root)
+    if truth is None:
+        return None
+    scores = evaluate_against_truth(appearances, truth, list(frame_keys), list(codes), min_iou)
+    return {c: vars(s) | {"precision": s.precision, "recall": s.recall} for c, s in scores.items()}

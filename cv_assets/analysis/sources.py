@@ -1,7 +1,10 @@
-"""Optional appearance sources beside clip_match: `face_match` (OpenCV YuNet + SFace) and
-`yolo` (ultralytics). Each is enabled only when its model files are configured (and,
-for yolo, the package is installed); otherwise it reports why it is disabled. Both
-return the same `Appearance` records as clip_match.
+"""Appearance sources behind one interface, the way PySceneDetect's detectors share one.
+
+Each source has a `name` (the `source` column of an appearance), says whether it is
+`enabled` and, if not, why (`disabled_reason`), and finds appearances with
+`find(frames, references)`. `clip_match` (region matching by embedding) is always on;
+`face_match` (OpenCV YuNet + SFace) and `yolo` (ultralytics) run when their model files
+are configured. The asset iterates over `build_sources(...)` and knows none of them.
 """
 
 from __future__ import annotations
@@ -9,27 +12,78 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import cv2
 import numpy as np
 
-from cv_assets.analysis.appearances import Appearance, FrameInput, ReferenceAsset
+from cv_assets.analysis.appearances import Appearance, FrameInput, ReferenceAsset, candidate_regions, match_frames
+from cv_assets.settings import AppearanceSettings, CvAnalysisSettings
+
+EmbedImages = Callable[[list[np.ndarray]], np.ndarray]
+
+
+class AppearanceSource(Protocol):
+    name: str
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def disabled_reason(self) -> str | None: ...
+
+    def describe(self) -> str: ...
+
+    def find(self, frames: Sequence[FrameInput], references: Sequence[ReferenceAsset]) -> list[Appearance]: ...
 
 
 @dataclass
-class PluginStatus:
-    name: str
-    enabled: bool
-    detail: str
-    appearances: list[Appearance] = field(default_factory=list)
+class _Source:
+    """Shared bookkeeping: enabled unless a reason says otherwise, and a one-line summary."""
 
-    def summary(self) -> str:
-        state = f"enabled, {len(self.appearances)} appearance(s)" if self.enabled else "disabled"
-        return f"{state}: {self.detail}"
+    disabled_reason: str | None = None
+    found: int = field(default=0, init=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.disabled_reason is None
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return f"disabled: {self.disabled_reason}"
+        return f"enabled, {self.found} appearance(s)" + (f": {self.detail()}" if self.detail() else "")
+
+    def detail(self) -> str:
+        return ""
 
 
-def _missing_files(paths: dict[str, Path | None]) -> str | None:
+@dataclass
+class ClipMatchSource(_Source):
+    """Whole frame plus multi-scale crops, embedded and compared with each reference vector."""
+
+    embed_images: EmbedImages | None = None
+    threshold: float = 0.65
+    scales: Sequence[float] = (1.0, 0.6, 0.4, 0.25)
+    overlap: float = 0.5
+    vote_fraction: float = 0.7
+    tie_margin: float = 0.03
+    name: str = "clip_match"
+    regions_embedded: int = field(default=0, init=False)
+
+    def find(self, frames, references):
+        self.regions_embedded = sum(len(candidate_regions(f.image.shape[1], f.image.shape[0], self.scales, self.overlap))
+                                    for f in frames) if references else 0
+        found = match_frames(frames, references, self.embed_images, threshold=self.threshold, scales=self.scales,
+                             overlap=self.overlap, vote_fraction=self.vote_fraction, tie_margin=self.tie_margin)
+        self.found = len(found)
+        return found
+
+    def detail(self) -> str:
+        return f"threshold {self.threshold}, {self.regions_embedded} regions embedded"
+
+
+def missing_model_files(paths: dict[str, Path | None]) -> str | None:
+    """Why model files named by config keys cannot be used, or None."""
     unset = [k for k, p in paths.items() if p is None]
     if unset:
         return f"not configured (set appearances.{' and appearances.'.join(unset)})"
@@ -37,84 +91,128 @@ def _missing_files(paths: dict[str, Path | None]) -> str | None:
     return f"model file not found: {', '.join(absent)}" if absent else None
 
 
-def run_face_match(
-    frames: Sequence[FrameInput],
-    reference_images: dict[int, tuple[str, np.ndarray]],
-    detector_model: Path | None,
-    recognizer_model: Path | None,
-    threshold: float,
-) -> PluginStatus:
-    """Detect faces with YuNet, embed them with SFace and match them to each asset's
-    reference face (cosine >= `threshold`). `reference_images` maps asset id -> (code, RGB)."""
-    problem = _missing_files({"face_detector_model": detector_model, "face_recognizer_model": recognizer_model})
-    if problem:
-        return PluginStatus("face_match", False, problem)
-    detector = cv2.FaceDetectorYN.create(str(detector_model), "", (320, 320))
-    recognizer = cv2.FaceRecognizerSF.create(str(recognizer_model), "")
+@dataclass
+class FaceMatchSource(_Source):
+    """Faces found by YuNet, described by SFace, matched to each asset's reference face
+    (cosine >= `threshold`). `reference_images` maps asset id -> (code, RGB image)."""
 
-    def faces(image_rgb: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-        detector.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, found = detector.detect(bgr)
-        out = []
-        for face in found if found is not None else []:
-            feature = recognizer.feature(recognizer.alignCrop(bgr, face)).ravel()
-            out.append((face, feature / (np.linalg.norm(feature) or 1.0)))
-        return out
+    detector_model: Path | None = None
+    recognizer_model: Path | None = None
+    threshold: float = 0.6
+    reference_images: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)
+    name: str = "face_match"
+    reference_faces: int = field(default=0, init=False)
 
-    references = {}
-    for asset_id, (code, image) in reference_images.items():
-        detected = faces(image)
-        if detected:
-            references[asset_id] = (code, max(detected, key=lambda f: f[0][-1])[1])
-    status = PluginStatus("face_match", True, f"{len(references)} asset(s) with a reference face")
-    for frame in frames:
-        for face, feature in faces(frame.image):
-            best = max(references.items(), key=lambda kv: float(feature @ kv[1][1]), default=None)
-            if best is None:
-                continue
-            score = float(feature @ best[1][1])
-            if score >= threshold:
-                x, y, w, h = (int(v) for v in face[:4])
-                status.appearances.append(
-                    Appearance(best[0], best[1][0], frame.scene_index, frame.frame_index, frame.timestamp_sec,
-                               (max(0, x), max(0, y), x + w, y + h), score, source="face_match")
-                )
-    return status
+    def __post_init__(self):
+        self.disabled_reason = self.disabled_reason or missing_model_files(
+            {"face_detector_model": self.detector_model, "face_recognizer_model": self.recognizer_model})
+
+    def find(self, frames, references):
+        if not self.enabled:
+            return []
+        detector = cv2.FaceDetectorYN.create(str(self.detector_model), "", (320, 320))
+        recognizer = cv2.FaceRecognizerSF.create(str(self.recognizer_model), "")
+
+        def faces(image_rgb: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+            bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
+            detector.setInputSize((bgr.shape[1], bgr.shape[0]))
+            _, detected = detector.detect(bgr)
+            out = []
+            for face in detected if detected is not None else []:
+                feature = recognizer.feature(recognizer.alignCrop(bgr, face)).ravel()
+                out.append((face, feature / (np.linalg.norm(feature) or 1.0)))
+            return out
+
+        known = {}
+        for asset_id, (code, image) in self.reference_images.items():
+            detected = faces(image)
+            if detected:
+                known[asset_id] = (code, max(detected, key=lambda f: f[0][-1])[1])
+        self.reference_faces = len(known)
+        found = []
+        for frame in frames:
+            for face, feature in faces(frame.image):
+                best = max(known.items(), key=lambda kv: float(feature @ kv[1][1]), default=None)
+                if best is None:
+                    continue
+                score = float(feature @ best[1][1])
+                if score >= self.threshold:
+                    x, y, w, h = (int(v) for v in face[:4])
+                    found.append(Appearance(best[0], best[1][0], frame.scene_index, frame.frame_index, frame.timestamp_sec,
+                                            (max(0, x), max(0, y), x + w, y + h), score, source=self.name))
+        self.found = len(found)
+        return found
+
+    def detail(self) -> str:
+        return f"{self.reference_faces} asset(s) with a reference face"
 
 
-def run_yolo(
-    frames: Sequence[FrameInput],
-    references: Sequence[ReferenceAsset],
-    weights: Path | None,
-    embed_images: Callable[[list[np.ndarray]], np.ndarray],
-    threshold: float,
-) -> PluginStatus:
+@dataclass
+class YoloSource(_Source):
     """Boxes from an ultralytics YOLO model, each matched to the most similar asset by embedding."""
-    if importlib.util.find_spec("ultralytics") is None:
-        return PluginStatus("yolo", False, "the ultralytics package is not installed")
-    problem = _missing_files({"yolo_weights": weights})
-    if problem:
-        return PluginStatus("yolo", False, problem)
-    from ultralytics import YOLO
 
-    model = YOLO(str(weights))
-    status = PluginStatus("yolo", True, f"weights {weights}")
-    if not references:
-        return status
-    ref_matrix = np.stack([r.vector for r in references])
-    for frame in frames:
-        result = model(frame.image[:, :, ::-1], verbose=False)[0]
-        boxes = [tuple(int(v) for v in b) for b in result.boxes.xyxy.cpu().numpy()]
-        crops = [frame.image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes if x2 > x1 and y2 > y1]
-        if not crops:
-            continue
-        similarity = embed_images(crops) @ ref_matrix.T
-        for box, row in zip(boxes, similarity):
-            k = int(np.argmax(row))
-            if row[k] >= threshold:
-                ref = references[k]
-                status.appearances.append(
-                    Appearance(ref.asset_id, ref.code, frame.scene_index, frame.frame_index, frame.timestamp_sec, box, float(row[k]), source="yolo")
-                )
-    return status
+    weights: Path | None = None
+    embed_images: EmbedImages | None = None
+    threshold: float = 0.65
+    name: str = "yolo"
+
+    def __post_init__(self):
+        if self.disabled_reason is None and importlib.util.find_spec("ultralytics") is None:
+            self.disabled_reason = "the ultralytics package is not installed"
+        self.disabled_reason = self.disabled_reason or missing_model_files({"yolo_weights": self.weights})
+
+    def find(self, frames, references):
+        if not self.enabled or not references:
+            return []
+        from ultralytics import YOLO
+
+        model = YOLO(str(self.weights))
+        ref_matrix = np.stack([r.vector for r in references])
+        found = []
+        for frame in frames:
+            result = model(frame.image[:, :, ::-1], verbose=False)[0]
+            boxes = [tuple(int(v) for v in b) for b in result.boxes.xyxy.cpu().numpy()]
+            boxes = [b for b in boxes if b[2] > b[0] and b[3] > b[1]]
+            if not boxes:
+                continue
+            similarity = self.embed_images([frame.image[y1:y2, x1:x2] for x1, y1, x2, y2 in boxes]) @ ref_matrix.T
+            for box, row in zip(boxes, similarity):
+                k = int(np.argmax(row))
+                if row[k] >= self.threshold:
+                    ref = references[k]
+                    found.append(Appearance(ref.asset_id, ref.code, frame.scene_index, frame.frame_index,
+                                            frame.timestamp_sec, box, float(row[k]), source=self.name))
+        self.found = len(found)
+        return found
+
+    def detail(self) -> str:
+        return f"weights {self.weights}"
+
+
+def find_appearances(sources: Sequence[AppearanceSource], frames: Sequence[FrameInput],
+                     references: Sequence[ReferenceAsset]) -> list[Appearance]:
+    """Every enabled source's appearances, in source order."""
+    return [a for source in sources if source.enabled for a in source.find(frames, references)]
+
+
+def build_sources(
+    appearances: AppearanceSettings,
+    cv: CvAnalysisSettings,
+    embed_images: EmbedImages,
+    embedder_family: str,
+    reference_images: Callable[[], dict[int, tuple[str, np.ndarray]]],
+) -> list[AppearanceSource]:
+    """The configured sources, in the order their appearances are reported.
+    `reference_images` is called only when face matching is configured (it decodes images)."""
+    threshold = appearances.thresholds.get(embedder_family, cv.clip_similarity_threshold)
+    face = FaceMatchSource(detector_model=appearances.face_detector_model,
+                           recognizer_model=appearances.face_recognizer_model, threshold=cv.face_match_threshold)
+    if face.enabled:
+        face.reference_images = reference_images()
+    return [
+        ClipMatchSource(embed_images=embed_images, threshold=threshold, scales=appearances.region_scales,
+                        overlap=appearances.region_overlap, vote_fraction=appearances.vote_fraction,
+                        tie_margin=appearances.tie_margin),
+        face,
+        YoloSource(weights=appearances.yolo_weights, embed_images=embed_images, threshold=threshold),
+    ]

@@ -10,6 +10,7 @@ with the step's RetryPolicy: the step would start again in a run already marked 
 """
 
 import functools
+import inspect
 import warnings
 
 from dagster import (
@@ -39,16 +40,30 @@ def stop_on_termination(compute_fn):
     """Decorate an asset body (under `@asset`) so that terminating its run ends the step
     for good instead of retrying it."""
 
+    def terminated() -> Failure:
+        return Failure(
+            f"{compute_fn.__name__}: the run was terminated while this step ran (past its "
+            "dagster/max_runtime, or canceled); the step is not retried",
+            allow_retries=False,
+        )
+
+    if inspect.isgeneratorfunction(compute_fn):  # a multi-asset yielding one result per asset
+
+        @functools.wraps(compute_fn)
+        def generator_wrapper(*args, **kwargs):
+            try:
+                yield from compute_fn(*args, **kwargs)
+            except (DagsterExecutionInterruptedError, KeyboardInterrupt):
+                raise terminated() from None
+
+        return generator_wrapper
+
     @functools.wraps(compute_fn)
     def wrapper(*args, **kwargs):
         try:
             return compute_fn(*args, **kwargs)
         except (DagsterExecutionInterruptedError, KeyboardInterrupt):
-            raise Failure(
-                f"{compute_fn.__name__}: the run was terminated while this step ran (past its "
-                "dagster/max_runtime, or canceled); the step is not retried",
-                allow_retries=False,
-            ) from None
+            raise terminated() from None
 
     return wrapper
 

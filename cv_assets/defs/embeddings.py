@@ -1,48 +1,37 @@
-"""CLIP vectors for reference images and sampled frames (wiring only; the work is in
-cv_assets/embedding)."""
+"""Vectors for reference images and sampled frames (wiring only; the work is
+`cv_assets.embedding.refresh.refresh_embeddings`, the rows are written by `cv_assets.store.embeddings`)."""
 
-import warnings
+from pathlib import Path
 
 import numpy as np
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetExecutionContext,
-    Failure,
     MaterializeResult,
     MetadataValue,
-    PreviewWarning,
     asset,
-    asset_check,
 )
-from sqlalchemy import select
 
+from cv_assets.defs.common import PREVIEW_ROWS, STORE_RETRY, bad_input, markdown_table, partitioned_check, stop_on_termination
 from cv_assets.defs.partitions import projects_partitions
+from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, WarehouseResource
-from cv_assets.defs.common import STORE_RETRY, stop_on_termination
 from cv_assets.embedding import ModelUnavailableError
-from cv_assets.embedding.refresh import (
-    RefreshReport,
-    VectorCheck,
-    blob_to_vector,
-    check_vectors,
-    refresh_frame_embeddings,
-    refresh_reference_embeddings,
+from cv_assets.embedding.refresh import EmbedInput, RefreshReport, StoredVector, check_vectors, read_reference_image, refresh_embeddings
+from cv_assets.store.embeddings import (
+    all_frame_vectors,
+    asset_item_id,
+    frame_item_id,
+    save_frame_vectors,
+    save_reference_vectors,
+    stored_frame_vectors,
+    stored_reference_vectors,
 )
-from cv_assets.store.models import Asset, Project
-
-PREVIEW_ROWS = 20
+from cv_assets.store.frames import sampled_frame_rows
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v).replace("|", "/") for v in row) + " |" for row in rows[:PREVIEW_ROWS]]
-    if len(rows) > PREVIEW_ROWS:
-        lines.append(f"| … {len(rows) - PREVIEW_ROWS} more | " + " | " * (len(header) - 1))
-    return "\n".join(lines)
-
-
-def _metadata(report: RefreshReport, header: list[str]) -> dict:
+def _metadata(report: RefreshReport, item_name: str) -> dict:
     return {
         "embedded": report.embedded,
         "skipped_unchanged": report.skipped,
@@ -54,9 +43,10 @@ def _metadata(report: RefreshReport, header: list[str]) -> dict:
         "model_version": report.model_version,
         "device": report.device,
         "embedder_family": report.family,
-        "failures": MetadataValue.md(_md_table(["item", "reason"], [[k, v] for k, v in report.failures.items()])
-                                     if report.failures else "none"),
-        "preview": MetadataValue.md(_md_table(header, report.preview) if report.preview else "nothing to embed"),
+        "failures": MetadataValue.md(markdown_table(["item", "reason"], report.failures.items(), limit=PREVIEW_ROWS))
+        if report.failures else "none",
+        "preview": MetadataValue.md(markdown_table([item_name, "status"], report.preview, limit=PREVIEW_ROWS))
+        if report.preview else "nothing to embed",
     }
 
 
@@ -65,7 +55,7 @@ def _model_or_fail(embedder: EmbedderResource):
     try:
         model.ensure_ready()
     except ModelUnavailableError as exc:
-        raise Failure(str(exc), allow_retries=False) from None
+        raise bad_input(str(exc)) from None
     return model
 
 
@@ -84,14 +74,15 @@ def reference_embeddings(
     `assets.clip_embedding` (float32 bytes) with `embedding_model_version` and the image's
     sha256. Images whose bytes and model are unchanged are skipped; a bad image is recorded
     in `embedding_failures` (item `<project>/<code>`) and never stops the other assets."""
+    project = project_or_fail(app_db, context.partition_key)
     model = _model_or_fail(embedder)
-    try:
-        report = refresh_reference_embeddings(app_db.get(), context.partition_key, model)
-    except LookupError as exc:
-        raise Failure(f"{exc}: materialise project_manifest first", allow_retries=False) from None
+    inputs = [read_reference_image(asset_item_id(project.key, a.code), Path(project.root_path) / a.reference_image_path) for a in project.assets]
+    stored = {item: StoredVector(*values) for item, values in stored_reference_vectors(project.assets, project.key).items()}
+    report = refresh_embeddings(inputs, stored, model)
+    save_reference_vectors(app_db.get(), project.key, project.assets, report.model_version, report.vectors, report.failures)
     for item, reason in report.failures.items():
         context.log.warning(f"reference image of {item} not embedded: {reason}")
-    return MaterializeResult(metadata=_metadata(report, ["asset", "status", "image"]))
+    return MaterializeResult(metadata=_metadata(report, "asset"))
 
 
 @asset(
@@ -109,21 +100,40 @@ def frame_embeddings(
     embedder: EmbedderResource,
 ) -> MaterializeResult:
     """A 512-d unit vector for every sampled frame of the project, in DuckDB
-    `frame_embeddings` (FLOAT[512], model_version, the frame's content hash). Pixels come
-    from the sampler's in-process frame cache when it has them, else from the exported JPEG.
+    `frame_embeddings` (FLOAT[512], model_version, the frame's content hash), computed from
+    the lossless frame files `sampled_frames` stored (the same pixels in any process).
     Frames whose pixels and model are unchanged keep their vectors; the project's rows are
     replaced in one transaction. A frame that cannot be read is recorded in
     `embedding_failures` (item `<project>/<scene>/<frame>`) and never stops the others."""
+    key = context.partition_key
     model = _model_or_fail(embedder)
-    report = refresh_frame_embeddings(warehouse.get(), app_db.get(), context.partition_key, model)
+    store = warehouse.get()
+    frames = sampled_frame_rows(store, key)
+    inputs = [_frame_input(key, row) for row in frames.itertuples(index=False)]
+    stored_rows = stored_frame_vectors(store, key)
+    stored = {frame_item_id(key, r.scene_index, r.frame_index): StoredVector(r.content_hash, r.model_version, np.asarray(r.embedding, np.float32))
+              for r in stored_rows.itertuples(index=False)}
+    report = refresh_embeddings(inputs, stored, model)
+    save_frame_vectors(store, app_db.get(), key, report.model_version, stored_rows, report.kept, report.vectors,
+                       report.failures, [i.item_id for i in inputs])
     for item, reason in report.failures.items():
         context.log.warning(f"frame {item} not embedded: {reason}")
-    return MaterializeResult(metadata=_metadata(report, ["scene", "frame", "status"]))
+    return MaterializeResult(metadata=_metadata(report, "frame"))
 
 
-def _check_result(result: VectorCheck) -> AssetCheckResult:
+def _frame_input(project: str, row) -> EmbedInput:
+    item_id = frame_item_id(project, row.scene_index, row.frame_index)
+    label = f"scene {int(row.scene_index)} frame {int(row.frame_index)} ({row.image_path})"
+    if not isinstance(row.image_path, str) or not row.image_path or not isinstance(row.content_hash, str):
+        return EmbedInput(item_id, label, None, error=f"{label}: no frame file recorded (image_path {row.image_path!r})")
+    return EmbedInput(item_id, label, row.content_hash, source=row.image_path)
+
+
+def _check_result(items) -> AssetCheckResult:
+    result = check_vectors(items)
     return AssetCheckResult(
         passed=result.passed,
+        description=result.summary(),
         metadata={
             "vectors": result.rows,
             "wrong_dimension": ", ".join(result.bad_dimension[:PREVIEW_ROWS]) or "none",
@@ -134,43 +144,24 @@ def _check_result(result: VectorCheck) -> AssetCheckResult:
     )
 
 
-def _partitioned_check(asset_def, description: str):
-    """A check that runs per project partition, so "one model_version" means per project.
-    (Partitioned checks are a Dagster preview feature; its warning is silenced here only.)"""
-
-    def decorate(fn):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PreviewWarning)
-            return asset_check(asset=asset_def, partitions_def=projects_partitions, description=description)(fn)
-
-    return decorate
-
-
-@_partitioned_check(
+@partitioned_check(
     reference_embeddings,
     "Reference vectors: 512 dimensions, unit norm within 1e-3, no NaN, one model_version per project.",
 )
 def reference_embeddings_are_valid(context: AssetCheckExecutionContext, app_db: AppDatabaseResource) -> AssetCheckResult:
-    with app_db.get().read() as session:
-        rows = session.execute(
-            select(Asset.code, Asset.clip_embedding, Asset.embedding_model_version)
-            .join(Project, Project.id == Asset.project_id)
-            .where(Project.key == context.partition_key)
-        ).all()
-    return _check_result(check_vectors([(code, blob_to_vector(blob), version) for code, blob, version in rows]))
+    project = project_or_fail(app_db, context.partition_key)
+    stored = stored_reference_vectors(project.assets, project.key)
+    return _check_result([(item, vector, version) for item, (_, version, vector) in stored.items()])
 
 
-@_partitioned_check(
+@partitioned_check(
     frame_embeddings,
     "Frame vectors: 512 dimensions, unit norm within 1e-3, no NaN, one model_version per project.",
 )
 def frame_embeddings_are_valid(context: AssetCheckExecutionContext, warehouse: WarehouseResource) -> AssetCheckResult:
-    rows = warehouse.get().query(
-        "SELECT scene_index, frame_index, embedding, model_version FROM frame_embeddings WHERE project = ?",
-        [context.partition_key])
-    items = [(f"scene {r.scene_index} frame {r.frame_index}", np.asarray(r.embedding, dtype=np.float32), r.model_version)
-             for r in rows.itertuples(index=False)]
-    return _check_result(check_vectors(items))
+    rows = all_frame_vectors(warehouse.get(), context.partition_key)
+    return _check_result([(f"scene {r.scene_index} frame {r.frame_index}", np.asarray(r.embedding, dtype=np.float32), r.model_version)
+                          for r in rows.itertuples(index=False)])
 
 
 EMBEDDING_ASSETS = [reference_embeddings, frame_embeddings]

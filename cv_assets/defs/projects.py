@@ -21,11 +21,21 @@ from dagster import (
 )
 
 from cv_assets.events.backfill import embedder_fingerprint
-from cv_assets.manifest import ManifestError, discover_manifests, load_manifest
+from cv_assets.manifest import ManifestError, ProjectKeyConflict, discover_manifests, load_manifest
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
-from cv_assets.defs.common import STORE_RETRY, stop_on_termination
-from cv_assets.store.projects import upsert_project
+from cv_assets.defs.common import STORE_RETRY, bad_input, stop_on_termination
+from cv_assets.store.projects import ProjectRows, load_project, upsert_project
+from cv_assets.text import printable
+
+def project_or_fail(app_db: AppDatabaseResource, key: str) -> ProjectRows:
+    """The project's rows (folder, scenes, assets); a non-retried Failure when it is not registered."""
+    project = load_project(app_db.get(), key)
+    if project is None:
+        raise bad_input(f"project {key!r} is not registered in {app_db.sqlite_url}: materialise project_manifest "
+                        "(or let project_sensor find its project.yaml) first")
+    return project
+
 
 PROJECT_CHAIN = [
     "project_manifest",
@@ -56,12 +66,15 @@ def project_manifest(context: AssetExecutionContext, settings: SettingsResource,
     cfg = settings.load()
     folder = cfg.storage.projects_root / context.partition_key
     try:
-        manifest = load_manifest(folder)
+        manifest = load_manifest(folder, cfg.manifests)
     except ManifestError as exc:
         raise Failure(str(exc), allow_retries=False) from None
     if manifest.key != context.partition_key:
         raise Failure(f"{folder}/project.yaml names project {manifest.key!r}, not {context.partition_key!r}", allow_retries=False)
-    result = upsert_project(app_db.get(), manifest)
+    try:
+        result = upsert_project(app_db.get(), manifest)
+    except ProjectKeyConflict as exc:
+        raise bad_input(str(exc)) from None
     rows = "\n".join(
         f"| {s.index} | {s.clip} | {', '.join(s.expected_assets) or '—'} |" for s in manifest.spec.scenes
     )
@@ -97,17 +110,21 @@ def project_sensor(context: SensorEvaluationContext, settings: SettingsResource,
     """Scan `projects_root` for project manifests; validate each, sync it into SQLite, add
     its partition and request a run keyed by the manifest's content hash and the embedder
     configuration (a re-tick never launches a duplicate; an edited manifest, clip or image,
-    or a switch of model, launches a new run). A bad project never blocks the others."""
+    or a switch of model, launches a new run). A bad project never blocks the others: each
+    manifest is capped in size (`manifests.*`) and checked on its own, and a folder declaring
+    a key another folder registered first is logged and its rows left untouched."""
     cfg = settings.load()
-    manifests, bad = discover_manifests(cfg.storage.projects_root)
-    for folder, reason in bad.items():
-        context.log.error(f"project {folder} skipped: {reason}")
+    manifests, bad = discover_manifests(cfg.storage.projects_root, cfg.manifests)
     db = app_db.get()
-    known = set(context.instance.get_dynamic_partitions(projects_partitions.name))
     model = embedder_fingerprint(cfg.embedder)
-    run_requests = []
+    synced, run_requests = [], []
     for manifest in manifests:
-        upsert_project(db, manifest)
+        try:
+            upsert_project(db, manifest)
+        except ProjectKeyConflict as exc:
+            bad[manifest.key] = str(exc)
+            continue
+        synced.append(manifest.key)
         run_requests.append(
             RunRequest(
                 partition_key=manifest.key,
@@ -115,9 +132,12 @@ def project_sensor(context: SensorEvaluationContext, settings: SettingsResource,
                 tags={"cv_assets/project": manifest.key, "cv_assets/manifest_hash": manifest.content_hash},
             )
         )
-    new_keys = [m.key for m in manifests if m.key not in known]
-    if not manifests:
-        return SkipReason(f"no valid project under {cfg.storage.projects_root} ({len(bad)} invalid)")
+    for folder, reason in bad.items():
+        context.log.error(printable(f"project {folder} skipped: {reason}"))
+    if not synced:
+        return SkipReason(printable(f"no valid project under {cfg.storage.projects_root} ({len(bad)} invalid)"))
+    known = set(context.instance.get_dynamic_partitions(projects_partitions.name))
+    new_keys = [key for key in synced if key not in known]
     return SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[projects_partitions.build_add_request(new_keys)] if new_keys else [],

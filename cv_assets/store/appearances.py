@@ -10,7 +10,6 @@ import pandas as pd
 from sqlalchemy import delete, select
 
 from cv_assets.analysis.appearances import Appearance
-from cv_assets.faults import pause_point
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.models import Asset, AssetAppearance
 from cv_assets.store.warehouse import Warehouse
@@ -20,7 +19,6 @@ def replace_appearances(db: AppDatabase, project_id: int, appearances: Sequence[
     """Replace the project's appearance rows in one transaction."""
     with db.write() as session:
         session.execute(delete(AssetAppearance).where(AssetAppearance.project_id == project_id))
-        pause_point("sqlite.replace_appearances")
         session.add_all(
             AssetAppearance(
                 asset_id=a.asset_id,

@@ -18,7 +18,6 @@ from typing import Any, Iterator, Sequence
 import duckdb
 import pandas as pd
 
-from cv_assets.faults import pause_point
 from cv_assets.store.locks import file_lock, held_by_this_thread
 
 EMBEDDING_DIM = 512
@@ -184,11 +183,18 @@ class Warehouse:
 
     def replace_partition(self, table: str, project: str, rows: pd.DataFrame) -> int:
         """Replace every row of `project` in `table` with `rows`, in one transaction."""
-        _check_table(table)
+        return self.replace_partitions(project, {table: rows})
+
+    def replace_partitions(self, project: str, tables: dict[str, pd.DataFrame]) -> int:
+        """Replace every row of `project` in each of `tables` with the given rows, all in
+        one transaction (so related tables never disagree)."""
+        for table in tables:
+            _check_table(table)
+        inserted = 0
         with self.transaction() as con:
-            con.execute(f"DELETE FROM {table} WHERE project = ?", [project])
-            pause_point(f"warehouse.replace_partition:{table}")
-            inserted = self._insert(con, table, rows)
+            for table, rows in tables.items():
+                con.execute(f"DELETE FROM {table} WHERE project = ?", [project])
+                inserted += self._insert(con, table, rows)
         return inserted
 
     def append(self, table: str, rows: pd.DataFrame) -> int:

@@ -3,12 +3,9 @@
 from cv_assets.video.errors import VideoInputError
 from cv_assets.video.export import (
     ExtractedFrame,
-    export_frames,
     extract_frame,
     extract_frames,
     frame_file_name,
-    project_frames_dir,
-    scene_dir_name,
     write_jpeg,
 )
 from cv_assets.video.motion import downscaled_luma, motion_ratio
@@ -35,15 +32,12 @@ __all__ = [
     "clip_file_sha256",
     "detect_motion_deltas",
     "downscaled_luma",
-    "export_frames",
     "extract_frame",
     "extract_frames",
     "frame_content_hash",
     "frame_file_name",
     "motion_ratio",
-    "project_frames_dir",
     "sample_video_frames",
-    "scene_dir_name",
     "select_key_frames",
     "validate_clip_path",
     "write_jpeg",

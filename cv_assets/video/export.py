@@ -1,19 +1,14 @@
-"""Writing key frames to disk, and pulling known frames out of a clip in one pass.
-
-Frames of a project live under `<frames_dir>/<project>/scene_<NNN>/frame_<NNNNNN>.jpg`.
-A re-run builds the project's folder aside and swaps it in, so no JPEG from an
-earlier run survives next to the new ones.
-"""
+"""Pulling known frames out of a clip in one pass (`extract_frame`, `extract_frames`), and
+writing a frame as JPEG for people to look at. The pipeline's own frames are stored
+losslessly by `cv_assets.store.frames`."""
 
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import cv2
 import numpy as np
@@ -25,22 +20,12 @@ from cv_assets.video.errors import VideoInputError
 from cv_assets.video.paths import validate_clip_path
 from cv_assets.video.sampler import decode_limits, frame_content_hash
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def scene_dir_name(scene_index: int) -> str:
-    return f"scene_{int(scene_index):03d}"
 
 
 def frame_file_name(frame_index: int) -> str:
     return f"frame_{int(frame_index):06d}.jpg"
 
 
-def project_frames_dir(frames_dir: str | os.PathLike, project: str) -> Path:
-    """`<frames_dir>/<project>`; the key must be a plain folder name (no '/', no '..')."""
-    if not _SAFE_NAME.match(project) or ".." in project:
-        raise ValueError(f"project key {project!r} cannot be used as a folder name")
-    return Path(frames_dir) / project
 
 
 def write_jpeg(image_rgb: np.ndarray, path: str | os.PathLike, quality: int) -> Path:
@@ -56,22 +41,8 @@ def write_jpeg(image_rgb: np.ndarray, path: str | os.PathLike, quality: int) -> 
     return path
 
 
-def new_staging_dir(target: Path) -> Path:
-    """An empty folder beside `target` to build its replacement in."""
-    staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex}")
-    staging.mkdir(parents=True)
-    return staging
 
 
-def replace_directory(staging: Path, target: Path) -> None:
-    """Swap `staging` in as `target`, then delete what `target` held before."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex}")
-        os.rename(target, old)
-    os.rename(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -137,8 +108,3 @@ def _extracted(decoded, out_dir, quality: int) -> ExtractedFrame:
     image = frame_to_rgb(decoded.frame)
     path = write_jpeg(image, Path(out_dir) / frame_file_name(decoded.index), quality) if out_dir is not None else None
     return ExtractedFrame(decoded.index, decoded.timestamp_sec, image, path, frame_content_hash(image))
-
-
-def export_frames(frames: Sequence, out_dir: str | os.PathLike, jpeg_quality: int) -> list[Path]:
-    """Write SampledFrames as JPEGs into `out_dir`; returns the paths in the same order."""
-    return [write_jpeg(f.image, Path(out_dir) / frame_file_name(f.frame_index), jpeg_quality) for f in frames]

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, Sequence
 
 import av.error
 import numpy as np
@@ -87,10 +87,6 @@ class SamplingResult:
     frames: list[SampledFrame]
     decode_ms: float
     motion_candidates: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.image.nbytes for f in self.frames)
 
 
 def frame_content_hash(image: np.ndarray) -> str:
@@ -236,3 +232,42 @@ def clip_file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sample_clips(
+    clips: Sequence[tuple[int, str]],
+    sampling: SamplingSettings,
+    cv: CvAnalysisSettings,
+    project_root: str | os.PathLike | None = None,
+    on_clip: Callable[[int, SamplingResult], None] | None = None,
+) -> dict[int, SamplingResult]:
+    """Sample every (scene index, clip path) of a project; a bad clip is a failed result,
+    never an exception. `on_clip` sees each result as it is done (for progress logs)."""
+    results = {}
+    for scene_index, clip_path in clips:
+        results[scene_index] = sample_video_frames(clip_path, sampling, cv, project_root=project_root)
+        if on_clip is not None:
+            on_clip(scene_index, results[scene_index])
+    return results
+
+
+def clip_record(result: SamplingResult) -> dict:
+    """The probe of one clip as a `clips` row (without project and scene), with the sha256
+    of the file when it could be read."""
+    probe = result.probe
+    readable = probe.resolved_path is not None and probe.size_bytes
+    return {
+        "path": probe.path,
+        "size_bytes": probe.size_bytes,
+        "codec": probe.codec,
+        "width": probe.width,
+        "height": probe.height,
+        "fps": probe.fps,
+        "declared_frames": probe.declared_frames,
+        "decoded_frames": probe.decoded_frames,
+        "duration_sec": probe.duration_sec,
+        "status": probe.status,
+        "reason": probe.reason,
+        "decode_ms": round(result.decode_ms, 2),
+        "content_hash": clip_file_sha256(probe.resolved_path) if readable else None,
+    }
