@@ -85,12 +85,14 @@ class AppDatabase:
             raise self.unavailable("cannot read", exc) from None
 
     def unavailable(self, action: str, exc: BaseException) -> DatabaseUnavailableError:
-        reason = getattr(exc, "orig", None) or getattr(exc, "strerror", None) or exc
+        reason = str(getattr(exc, "orig", None) or getattr(exc, "strerror", None) or exc)
         where = self.path or self.url
-        return DatabaseUnavailableError(
-            f"{action} the application database {where}: {reason}. Check that the folder and the "
-            "file are writable by this user, or point storage.sqlite_url at a writable location"
-        )
+        if "not a database" in reason or "malformed" in reason:
+            hint = "The file is not an SQLite database or is damaged: restore it from a backup, or move it aside to start empty"
+        else:
+            hint = ("Check that the folder and the file are writable by this user, or point storage.sqlite_url "
+                    "at a writable location")
+        return DatabaseUnavailableError(f"{action} the application database {where}: {reason}. {hint}")
 
     @contextmanager
     def read(self) -> Iterator[Session]:
