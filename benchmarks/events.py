@@ -18,7 +18,16 @@ weights, the same FLOPs as the real model):
   also   - the embedder's embed_sources alone on the same JPEG bytes (where a gap lies).
 The three are interleaved batch by batch, so changes in machine load hit them alike.
 
-    python benchmarks/events.py [--quick]
+Pixel bombs (peak memory of a backfill over hostile but small thumbnails: RGBA and
+16-bit PNGs just under `events.thumbnail_max_pixels`, a 16 Mpx JPEG, a 64 Mpx PNG of
+250 KB and a header declaring 900 Mpx; full ViT-B/32, run in a fresh child process):
+  ours   - `run_event_backfill` over them: the peak resident size above the process
+           after the model is loaded and warm (target < 1 GB), and the absolute peak;
+  floor  - the same backfill over as many ordinary 160x120 thumbnails.
+A process's memory over a long scheduled backfill (thousands of events, many runs) is
+the backfill benchmark's "peak RSS" line.
+
+    python benchmarks/events.py [--quick] [--only similar|backfill|bombs]
 """
 
 from __future__ import annotations
@@ -43,15 +52,9 @@ from benchmarks.common import build_vit_b32  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from sqlalchemy import insert, select  # noqa: E402
+from sqlalchemy import select  # noqa: E402
 
-from cv_assets.events.backfill import (  # noqa: E402
-    EMBEDDINGS,
-    EVENTS,
-    count_remaining,
-    embed_next_batch,
-    write_event_embeddings,
-)
+from cv_assets.events.backfill import BackfillLimits, embed_next_batch, run_event_backfill  # noqa: E402
 from cv_assets.events.search import (  # noqa: E402
     clear_vector_indexes,
     similar_events,
@@ -60,6 +63,13 @@ from cv_assets.events.search import (  # noqa: E402
     vector_index,
 )
 from cv_assets.store import AppDatabase  # noqa: E402
+from cv_assets.store.events import (  # noqa: E402
+    EMBEDDINGS,
+    EVENTS,
+    count_remaining,
+    insert_events,
+    write_event_embeddings,
+)
 
 T0 = datetime(2026, 9, 1)
 SPAN = timedelta(days=60)
@@ -83,9 +93,9 @@ def grow_store(db: AppDatabase, start: int, stop: int, rng: np.random.Generator,
         vectors = rng.standard_normal((len(chunk), 512)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         with db.write() as session:
-            session.execute(insert(EVENTS), [
+            insert_events(session, [
                 {"id": f"bench-{i:07d}", "camera_id": CAMERAS[i % len(CAMERAS)], "started_at": T0 + i * step,
-                 "label": "person", "thumbnail_base64": "-", "created_at": T0} for i in chunk])
+                 "label": "person", "thumbnail_base64": "-"} for i in chunk])
             write_event_embeddings(session, VERSION, {f"bench-{i:07d}": v for i, v in zip(chunk, vectors)})
     return time.perf_counter() - began
 
@@ -227,14 +237,14 @@ def run_backfill(quick: bool) -> float:
 
         db = AppDatabase(f"sqlite:///{tmp / 'events.sqlite'}")
         with db.write() as session:
-            session.execute(insert(EVENTS), [
+            insert_events(session, [
                 {"id": f"thumb-{i:05d}", "camera_id": CAMERAS[i % len(CAMERAS)], "started_at": T0 + timedelta(seconds=i),
-                 "label": "person", "thumbnail_base64": thumbnail_b64(rng), "created_at": T0} for i in range(n)])
+                 "label": "person", "thumbnail_base64": thumbnail_b64(rng)} for i in range(n)])
         with db.read() as session:
             encoded = [base64.b64decode(t) for t in
                        session.scalars(select(EVENTS.c.thumbnail_base64).order_by(EVENTS.c.started_at))]
-        limits = dict(max_batch=events.max_batch, max_attempts=events.max_attempts, thumbnails_root=tmp / "thumbs",
-                      thumbnail_max_bytes=events.thumbnail_max_bytes)
+        limits = BackfillLimits(events.max_batch, events.max_attempts, tmp / "thumbs", events.thumbnail_max_bytes,
+                                events.thumbnail_max_pixels)
         rss_before = peak_rss_mb()
         # Batch by batch, the three sides interleaved in rotating order, so a change in machine
         # load hits all of them alike: ours (one scheduled run's work: select, base64, decode,
@@ -250,7 +260,7 @@ def run_backfill(quick: bool) -> float:
                     continue
                 began = time.perf_counter()
                 if side == "ours":
-                    embedded += embed_next_batch(db, embedder, mode="missing", **limits).embedded
+                    embedded += embed_next_batch(db, embedder, limits, mode="missing").embedded
                 else:
                     assert len(embedder.embed_sources(encoded[start:start + count]).ok) == count
                 seconds[side] += time.perf_counter() - began
@@ -270,21 +280,131 @@ def run_backfill(quick: bool) -> float:
     return ours_rate / floor_rate
 
 
+# ---------------------------------------------------------------- pixel bombs
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _header_only_png(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def bomb_thumbnails(max_pixels: int) -> dict[str, bytes]:
+    """Small files that decode to a lot of pixels: the shapes an adversarial review used."""
+    side = int(max_pixels ** 0.5)  # just under the cap
+    gradient = Image.linear_gradient("L").resize((side, side))
+    rgba = Image.merge("RGBA", (gradient, gradient.transpose(Image.Transpose.ROTATE_90), gradient, gradient))
+    jpeg = io.BytesIO()
+    Image.merge("RGB", (gradient,) * 3).save(jpeg, "JPEG", quality=80)
+    return {
+        "rgba-png-under-cap": _png(rgba),
+        "16bit-png-under-cap": _png(gradient.convert("I").point(lambda v: v * 256).convert("I;16")),
+        "jpeg-under-cap": jpeg.getvalue(),
+        "rgba-png-64mpx": _png(Image.new("RGBA", (7999, 7999), (200, 30, 30, 128))),
+        "header-900mpx": _header_only_png(30_000, 30_000),
+    }
+
+
+def _vm_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _bomb_child(quick: bool, model_dir: str, results) -> None:
+    """In a fresh process: backfill ordinary thumbnails, then bombs; peak RSS of each."""
+    from cv_assets.embedding import get_embedder
+    from cv_assets.settings import EmbedderSettings, EventsSettings
+
+    events = EventsSettings()
+    copies = 1 if quick else 3
+    rng = np.random.default_rng(2)
+    with tempfile.TemporaryDirectory(prefix="bench-bombs-") as tmp:
+        tmp = Path(tmp)
+        embedder = get_embedder(EmbedderSettings(model=model_dir, device="cpu", fallback="none"))
+        embedder.embed_sources([base64.b64decode(thumbnail_b64(rng)) for _ in range(4)])  # load + warm up
+        bombs = bomb_thumbnails(events.thumbnail_max_pixels)
+        sizes = {name: len(data) for name, data in bombs.items()}
+        limits = BackfillLimits(events.max_batch, events.max_attempts, tmp / "thumbs", events.thumbnail_max_bytes,
+                                events.thumbnail_max_pixels)
+        figures = {}
+        for kind in ("ordinary", "bombs"):
+            db = AppDatabase(f"sqlite:///{tmp / (kind + '.sqlite')}")
+            if kind == "ordinary":
+                payloads = [thumbnail_b64(rng) for _ in range(len(bombs) * copies)]
+            else:
+                payloads = [base64.b64encode(data).decode() for data in bombs.values()] * copies
+            with db.write() as session:
+                insert_events(session, [
+                    {"id": f"{kind}-{i:03d}", "camera_id": "cam", "started_at": T0 + timedelta(seconds=i),
+                     "label": None, "thumbnail_base64": payload} for i, payload in enumerate(payloads)])
+            del payloads
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # VmHWM := current RSS
+            baseline = _vm_kb("VmRSS")
+            began = time.perf_counter()
+            report = run_event_backfill(db, embedder, limits)
+            figures[kind] = {
+                "baseline_mb": baseline / 1024, "peak_mb": _vm_kb("VmHWM") / 1024,
+                "growth_mb": (_vm_kb("VmHWM") - baseline) / 1024, "seconds": time.perf_counter() - began,
+                "embedded": report.embedded, "failed": report.failed,
+                "failures": sorted({reason.split(": ", 1)[1][:170] for reason in report.failures.values()}),
+            }
+            db.dispose()
+        results.put({"figures": figures, "sizes": sizes})
+
+
+def run_bombs(quick: bool) -> float:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    with tempfile.TemporaryDirectory(prefix="bench-bombs-model-") as tmp:
+        # Built here, so the child holds only the loaded model, as a backfill run would.
+        model_dir = build_vit_b32(Path(tmp) / "vit")
+        child = context.Process(target=_bomb_child, args=(quick, str(model_dir), results))
+        child.start()
+        outcome = results.get()
+        child.join()
+    for name, size in outcome["sizes"].items():
+        print(f"bomb thumbnail {name}: {size / 1024:.0f} KB")
+    for kind, f in outcome["figures"].items():
+        print(f"backfill over {kind:>8}: {f['embedded']} embedded, {f['failed']} refused in {f['seconds']:.1f}s; "
+              f"RSS {f['baseline_mb']:.0f} MB with the model loaded, peak {f['peak_mb']:.0f} MB "
+              f"(+{f['growth_mb']:.0f} MB)")
+        for reason in f["failures"]:
+            print(f"  refused: {reason}")
+    return outcome["figures"]["bombs"]["growth_mb"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer thumbnails and queries")
-    parser.add_argument("--only", choices=("similar", "backfill"), help="run one half only")
+    parser.add_argument("--only", choices=("similar", "backfill", "bombs"), help="run one part only")
     args = parser.parse_args()
     print(f"load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores "
           "(other work on the machine slows both sides of every comparison)")
     # Backfill first, so its peak memory is not the 100k index's.
-    backfill_ratio = run_backfill(args.quick) if args.only != "similar" else None
-    similar_ms = run_similar(args.quick) if args.only != "backfill" else None
+    bomb_growth_mb = run_bombs(args.quick) if args.only in (None, "bombs") else None
+    backfill_ratio = run_backfill(args.quick) if args.only in (None, "backfill") else None
+    similar_ms = run_similar(args.quick) if args.only in (None, "similar") else None
     print(f"load average at end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if similar_ms is not None:
         print(f"RATIO similar_ms_100k {similar_ms:.2f} target <= 20")
     if backfill_ratio is not None:
         print(f"RATIO backfill_vs_forward {backfill_ratio:.3f} target >= 0.85")
+    if bomb_growth_mb is not None:
+        print(f"RATIO bomb_backfill_peak_growth_mb {bomb_growth_mb:.0f} target < 1024")
 
 
 if __name__ == "__main__":

@@ -143,14 +143,20 @@ def pil_to_rgb(image: Image.Image, label: str, *, max_pixels: int = MAX_PIXELS, 
 
 
 # Modes Pillow's integer reduction handles (LA/RGBA with premultiplied alpha).
-_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK")
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr")
 
 
 def _reduce_to(image: Image.Image, min_side: int) -> Image.Image:
     """Shrink by the largest integer factor that keeps both sides at least `min_side`
     (a box filter: no aliasing, and the embedder's resize still sees detail)."""
     factor = min(image.size) // min_side
-    if factor < 2 or image.mode not in _REDUCIBLE_MODES:
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # same values, a mode the reduction knows
+    elif image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode not in _REDUCIBLE_MODES:
         return image
     try:
         return image.reduce(factor)
