@@ -168,6 +168,26 @@ def test_a_second_folder_declaring_a_registered_key_is_refused_everywhere(settin
     assert _project_rows(first) == before
 
 
+def test_a_moved_project_takes_its_key_over_only_when_told(settings_factory, tmp_path, capsys):
+    first, _ = settings_factory()
+    original = write_project(first.storage.projects_root, "demo", name="The real demo")
+    _register_with_results(first, original)
+    moved_root = tmp_path / "moved" / "projects"
+    moved_root.mkdir(parents=True)
+    original.rename(moved_root / "demo")
+    second, config = settings_factory(storage={"projects_root": str(moved_root)})
+    status, out, _ = cli("--config", config, "projects", "validate", capsys=capsys)
+    assert status == 1 and "cv-assets projects reassign demo" in out
+
+    status, out, _ = cli("--config", config, "projects", "reassign", "demo", capsys=capsys)
+    assert status == 0 and f"now belongs to {moved_root.resolve() / 'demo'} (was {original.resolve()})" in out
+    assert cli("--config", config, "projects", "validate", capsys=capsys)[0] == 0
+    result, _ = tick(second, capsys)
+    assert [r.partition_key for r in result.run_requests] == ["demo"]
+    name, root_path, *_, appearances = _project_rows(second)
+    assert (name, root_path, appearances) == ("The real demo", str(moved_root.resolve() / "demo"), 1)
+
+
 def test_registered_folder_keeps_its_key_on_later_ticks(settings_factory, capsys):
     settings, _ = settings_factory()
     write_project(settings.storage.projects_root, "alpha")

@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(handler=_run_demo)
 
-    projects = sub.add_parser("projects", help="list or validate project manifests under storage.projects_root")
-    projects.add_argument("action", choices=["list", "validate"])
+    projects = sub.add_parser("projects", help="list or validate project manifests under storage.projects_root",
+                              description="list / validate: what the project sensor would see. reassign KEY: a "
+                                          "project folder that moved (or a repository checkout that moved) takes "
+                                          "over its key from the folder that registered it.")
+    projects.add_argument("action", choices=["list", "validate", "reassign"])
+    projects.add_argument("key", nargs="?", help="with reassign: the project key (its folder under projects_root)")
     projects.add_argument("--json", action="store_true", help="machine-readable output")
     projects.set_defaults(handler=_projects)
 
@@ -101,6 +105,8 @@ def _projects(args) -> int:
     from cv_assets.manifest import discover_manifests
 
     settings = load_settings(args.config)
+    if args.action == "reassign":
+        return _reassign(settings, args.key)
     root = settings.storage.projects_root
     good, bad = discover_manifests(root, settings.manifests)
     good, taken = _check_owners(settings, good)
@@ -116,6 +122,28 @@ def _projects(args) -> int:
         if not good and not bad:
             print(f"no project folders under {printable(root)}")
     return 1 if (args.action == "validate" and bad) else 0
+
+
+def _reassign(settings, key: str | None) -> int:
+    """Give `key` to the folder `projects_root/<key>` (valid manifest required); its rows are
+    kept and synced from that folder on the next sensor tick or run."""
+    from cv_assets.manifest import ManifestError, load_manifest
+    from cv_assets.store import AppDatabase
+    from cv_assets.store.projects import reassign_project
+
+    if not key:
+        print("error: projects reassign needs the project KEY", file=sys.stderr)
+        return 2
+    try:
+        manifest = load_manifest(settings.storage.projects_root / key, settings.manifests)
+    except ManifestError as exc:
+        return _fail(exc, 1)
+    previous = reassign_project(AppDatabase(settings.storage.sqlite_url), manifest.key, manifest.root)
+    if previous is None:
+        print(f"project {key} is not registered yet; the sensor or run-demo will register {printable(manifest.root)}")
+    else:
+        print(f"project {key} now belongs to {printable(manifest.root)} (was {printable(previous)})")
+    return 0
 
 
 def _check_owners(settings, manifests):

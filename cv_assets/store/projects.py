@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sqlalchemy import delete, select
@@ -49,8 +50,20 @@ def _check_owner(project: Project | None, manifest: ProjectManifest) -> None:
         raise ProjectKeyConflict(
             f"{manifest.root}/project.yaml: project key {manifest.key!r} is registered to the folder "
             f"{project.root_path}, not {manifest.root}; its rows are left untouched. Give this project "
-            f"another key (and folder name), or move it back to {project.root_path}"
+            f"another key (and folder name), move it back to {project.root_path}, or, if the project "
+            f"moved here, run `cv-assets projects reassign {manifest.key}`"
         )
+
+
+def reassign_project(db: AppDatabase, key: str, root: Path) -> str | None:
+    """Record `root` as the folder owning `key` (a project folder that moved); returns the
+    previous folder, or None when the key is not registered. Rows are kept."""
+    with db.write() as session:
+        project = session.scalar(select(Project).where(Project.key == key))
+        if project is None:
+            return None
+        previous, project.root_path = project.root_path, str(Path(root).resolve())
+        return previous
 
 
 def check_owners(db: AppDatabase, manifests: list[ProjectManifest]) -> tuple[list[ProjectManifest], dict[str, str]]:
