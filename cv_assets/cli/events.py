@@ -1,6 +1,6 @@
 """`cv-assets events ...`: status, similar events, text search, import and backfill.
 
-The lead's `cv_assets/cli.py` mounts these with `add_events_parser(subparsers)`; the
+`cv_assets/cli/__init__.py` mounts these with `add_events_parser(subparsers)`; the
 module also runs on its own (`python -m cv_assets.cli.events --help`) through `main()`.
 Every command takes `--json` for scripts (one JSON document on stdout; errors as
 {"error": ...}). Exit status: 0 success, 1 an error (unknown event, no embedding, bad
@@ -32,7 +32,7 @@ def add_events_parser(subparsers) -> argparse.ArgumentParser:
         description="Security events: embedding status, similar events, text search, import and backfill.",
     )
     _add_subcommands(parser)
-    # `handler` is what cv_assets/cli.py dispatches on; `func` for parsers that use that name.
+    # `handler` is what cv_assets/cli/__init__.py dispatches on; `func` for parsers that use that name.
     parser.set_defaults(handler=handle_events_command, func=handle_events_command)
     return parser
 
