@@ -184,6 +184,36 @@ def test_re_embedded_events_replace_their_old_rows_without_a_reload(db, tmp_path
     assert index.full_loads == 1 and index.dead == 0 and index.n == 4
 
 
+def test_a_warm_index_gives_what_a_cold_process_gives(db, tmp_path, monkeypatch):
+    """The per-process index is an optimisation only: after adds, a re-embedding and a
+    deletion, its answers equal those of a process that loads everything afresh."""
+    monkeypatch.setattr(similarity, "CONSISTENCY_CHECK_SECONDS", 0.0)
+    colour_events(db, ["red", "red", "blue", "blue", "green"])
+    backfill(db, tmp_path)
+
+    def answers(event_ids):
+        return {event_id: [(m.event_id, round(m.similarity, 6))
+                           for m in similar_events(db, event_id, min_similarity=-1, days=0).matches]
+                for event_id in event_ids}
+
+    answers(["evt-0000", "evt-0002"])  # warm the index
+    colour_events(db, ["red", "green"], prefix="new", start=T0 + timedelta(hours=1))
+    with db.write() as session:
+        session.execute(update(Event).where(Event.id == "evt-0003").values(thumbnail_base64=b64(jpeg_bytes(COLOURS["red"]))))
+        session.execute(delete(EventEmbedding).where(EventEmbedding.event_id == "evt-0003"))
+        session.execute(delete(Event).where(Event.id == "evt-0001"))
+    backfill(db, tmp_path)
+    queries = ["evt-0000", "evt-0002", "evt-0003", "new-0000", "new-0001"]
+    warm = answers(queries)
+    index = vector_index(db, "mean-colour-v1")
+    assert index.full_loads == 0 and index.dead == 2  # updated incrementally
+    clear_vector_indexes()  # as a new process starts
+    cold = answers(queries)
+    assert warm == cold
+    assert {e for e, _ in cold["evt-0000"][:2]} == {"evt-0003", "new-0000"}  # the red ones, re-embedded included
+    assert "evt-0001" not in {e for matches in cold.values() for e, _ in matches}
+
+
 def test_deleted_events_vanish_from_results_at_once_and_from_the_index_at_the_next_check(db, tmp_path, monkeypatch):
     colour_events(db, ["red", "red", "red", "blue"])
     backfill(db, tmp_path)
