@@ -231,3 +231,21 @@ def test_the_default_pixel_cap_refuses_a_small_file_declaring_64_megapixels(tmp_
     assert vectors == {}
     assert "7999x7999 = 63984001 pixels, over the limit of events.thumbnail_max_pixels=16000000" in failures["bomb"]
     assert "DOS attack" not in failures["bomb"]  # Pillow's own wording
+
+
+def test_an_unterminated_csv_quote_costs_only_the_rows_it_swallows(tmp_path):
+    db = new_db(tmp_path)
+    path = tmp_path / "events.csv"
+    filler = b"".join(f"inside-{i},front,{T0.isoformat()},,x\n".encode() for i in range(60))  # ~2.4 KB
+    path.write_bytes(
+        b"id,camera_id,started_at,label,thumbnail_path\n"
+        + f"before,front,{T0.isoformat()},,a.jpg\n".encode()
+        + b'open,front,2026-11-01T00:00:00,"never closed,x\n'  # line 3: the quote runs on
+        + filler
+        + f"after,front,{T0.isoformat()},,b.jpg\n".encode()
+    )
+    report = import_events(db, path, thumbnails_root=tmp_path, thumbnail_max_bytes=10_000, max_line_bytes=1024)
+    [error] = report.errors
+    assert error.reason == "malformed CSV: field larger than field limit (1024)"
+    assert 3 < error.line < 64
+    assert "before" in stored_ids(db) and "after" in stored_ids(db) and "open" not in stored_ids(db)

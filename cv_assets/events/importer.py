@@ -252,7 +252,7 @@ class _CsvLines:
 
 def _csv_records(path: Path, limits: ImportLimits) -> Iterator[tuple[int, dict | RowError]]:
     # A base64 thumbnail is a single CSV field far above csv's default 128 KiB limit.
-    csv.field_size_limit(max(csv.field_size_limit(), limits.max_line_bytes))
+    csv.field_size_limit(limits.max_line_bytes)
     with open(path, "rb") as handle:
         lines = BoundedLines(handle, limits.max_line_bytes)
         source = _CsvLines(lines)
