@@ -35,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # CLIP looks at 224 x 224 anyway.
 MAX_PIXELS = 64_000_000
 TRANSPARENT_BACKGROUND = (255, 255, 255)
+COMPOSITE_BLOCK_PIXELS = 1 << 20  # pixels composited at a time (about 20 MB of float temporaries)
 
 ImageSource = Union[np.ndarray, Image.Image, str, PathLike, bytes, bytearray, memoryview]
 
@@ -187,7 +188,8 @@ def _to_rgb(image: Image.Image, label: str) -> np.ndarray:
         mode_after = "RGBA" if "transparency" in image.info else "RGB"
         return _to_rgb(image.convert(mode_after), label)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        return composite_on_background(np.array(image.convert("RGBA"), dtype=np.uint8))
+        # asarray: the pixels are read, never written, so no second full-size copy.
+        return composite_on_background(np.asarray(image if mode == "RGBA" else image.convert("RGBA"), dtype=np.uint8))
     if mode == "L":
         return _grey_to_rgb(np.array(image, dtype=np.uint8))
     try:
@@ -213,11 +215,16 @@ def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
 
 def composite_on_background(rgba: np.ndarray, background=TRANSPARENT_BACKGROUND) -> np.ndarray:
     """Alpha-composite an RGBA uint8 array on a solid background; fully transparent pixels
-    become the background whatever colour they stored."""
-    alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
-    colour = rgba[:, :, :3].astype(np.float32)
+    become the background whatever colour they stored. Done in blocks of rows, so the
+    float temporaries stay small whatever the image size."""
     bg = np.asarray(background, dtype=np.float32)
-    return (colour * alpha + bg * (1.0 - alpha)).round().astype(np.uint8)
+    out = np.empty((*rgba.shape[:2], 3), dtype=np.uint8)
+    rows = max(1, COMPOSITE_BLOCK_PIXELS // max(1, rgba.shape[1]))
+    for start in range(0, rgba.shape[0], rows):
+        block = rgba[start:start + rows]
+        alpha = block[:, :, 3:4].astype(np.float32) / 255.0
+        out[start:start + rows] = (block[:, :, :3].astype(np.float32) * alpha + bg * (1.0 - alpha)).round()
+    return out
 
 
 def array_to_rgb(array: np.ndarray, label: str = "<array>") -> np.ndarray:
