@@ -197,7 +197,7 @@ def main() -> None:
             measured += [forward_only, e2e_frames, e2e_jpeg]
             labels.append(key)
 
-        peer_sample = unique_paths[: (4 if args.quick else 16)]
+        peer_sample = unique_paths[: (8 if args.quick else 16)]
         peer_dtype = torch.float16 if device == "cuda" else torch.float32
         peer = per_image_peer(copy.deepcopy(base_model).to(device, peer_dtype).eval(), peer_sample, device,
                               peer_dtype)

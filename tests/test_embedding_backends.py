@@ -235,3 +235,17 @@ def test_in_memory_models_are_keyed_by_their_tensors(tiny_clip_dir, tmp_path):
     three = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
                                     precision="fp32", compiled_cache_dir=cache)
     assert three._image_tower.built and len(_entries(cache)) == 2
+
+
+def test_backend_settings_reach_the_embedder_through_config_and_the_dagster_resource(settings_factory):
+    from cv_assets.defs.resources import EmbedderResource
+    from cv_assets.embedding import get_embedder
+
+    settings, _ = settings_factory(embedder={"backend": "torch", "precision": "fp32", "cuda_batch_size": 64,
+                                             "compiled_cache_dir": "/tmp/somewhere"})
+    assert (settings.embedder.backend, settings.embedder.precision) == ("torch", "fp32")
+    assert EmbedderResource.from_settings(settings.embedder).settings() == settings.embedder
+    embedder = get_embedder(settings.embedder)
+    assert (embedder.backend, embedder.precision) == ("torch", "fp32")
+    other = get_embedder(settings.embedder.model_copy(update={"precision": "bf16"}))
+    assert other is not embedder and other.precision == "bf16"

@@ -216,9 +216,14 @@ class PinnedBatches:
         self.slots = slots
         self._buffers: list[tuple[torch.Tensor, Any]] = []
         self._next = 0
+        self._guard = threading.Lock()  # two callers never fill the same slot
 
     def stage(self, crops: list[np.ndarray]) -> torch.Tensor:
         """Stack `crops` into a pinned buffer and start its copy to the GPU; returns the GPU tensor."""
+        with self._guard:
+            return self._stage(crops)
+
+    def _stage(self, crops: list[np.ndarray]) -> torch.Tensor:
         shape = (len(crops), *crops[0].shape)
         if len(self._buffers) < self.slots:
             self._buffers.append((torch.empty(0, dtype=torch.uint8), None))
