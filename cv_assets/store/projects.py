@@ -33,6 +33,10 @@ def upsert_project(db: AppDatabase, manifest: ProjectManifest) -> SyncResult:
         project = session.scalar(select(Project).where(Project.key == manifest.key))
         _check_owner(project, manifest)
         changed = project is None or project.manifest_hash != manifest.content_hash
+        if not changed:
+            # The hash covers the manifest bytes and every resolved file it names, so the
+            # rows synced from it are already these (a sensor tick re-syncs every project).
+            return SyncResult(project.id, False, len(manifest.spec.assets), len(manifest.spec.scenes))
         if project is None:
             project = Project(key=manifest.key, name=manifest.name, root_path=str(manifest.root))
             session.add(project)
