@@ -58,6 +58,9 @@ def test_explicit_choices_are_kept_and_impossible_ones_are_config_errors():
     assert choose_runtime("cpu", "auto", "fp32", BF16_CPU_OV) == Runtime("cpu", "openvino", "fp32")
     assert choose_runtime("auto", "torch", "bf16", PLAIN_CPU) == Runtime("cpu", "torch", "bf16")
     assert choose_runtime("cuda", "auto", "fp32", GPU) == Runtime("cuda", "torch", "fp32")
+    # OpenVINO runs f32 on a CPU without the format: the runtime says so before anything loads.
+    assert choose_runtime("cpu", "openvino", "bf16", PLAIN_CPU_OV) == Runtime("cpu", "openvino", "fp32")
+    assert choose_runtime("cpu", "openvino", "fp16", BF16_CPU_OV) == Runtime("cpu", "openvino", "fp32")
     with pytest.raises(EmbedderConfigError, match="openvino package is not installed"):
         choose_runtime("cpu", "openvino", "auto", PLAIN_CPU)
     with pytest.raises(EmbedderConfigError, match="embedder.device is 'cuda' but torch sees no CUDA device"):
@@ -212,8 +215,9 @@ def test_openvino_cache_key_covers_weights_and_precision(tiny_clip_dir, tiny_cli
     cache = tmp_path / "ov-cache"
     _openvino(tiny_clip_dir, cache).ensure_ready()
     _openvino(tiny_clip_dir_b, cache).ensure_ready()
+    # A bf16 CPU (injected: this one may lack it) gets its own entry.
     ClipEmbedder(EmbedderSettings(model=str(tiny_clip_dir), device="cpu", backend="openvino",
-                                  precision="bf16", compiled_cache_dir=cache)).ensure_ready()
+                                  precision="bf16", compiled_cache_dir=cache), capabilities=BF16_CPU_OV).ensure_ready()
     names = [entry.name for entry in _entries(cache)]
     assert len(names) == 3 and sum(name.startswith("image-bf16-") for name in names) == 1
 

@@ -12,18 +12,22 @@ can be tested with a made-up machine. The rules for `auto`:
   else fp32 (without them bf16 is emulated, several times slower than fp32).
 
 The chosen precision is what runs: OpenVINO silently computes in f32 when asked for
-bf16/fp16 on a CPU that lacks them, so such a request is reported as fp32 (see
-`openvino_backend.effective_precision`).
+bf16/fp16 on a CPU that lacks them, so such a request resolves to fp32 here (and the
+compiled model's own report, `openvino_backend.effective_precision`, is checked after
+compiling). torch does what it is told: bf16 without bf16 instructions is emulated.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
 
 from cv_assets.embedding.base import EmbedderConfigError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 BACKENDS = ("torch", "openvino")
@@ -104,6 +108,13 @@ def choose_runtime(device: str, backend: str, precision: str, capabilities: Capa
         backend = "openvino" if capabilities.openvino else "torch"
     if precision == "auto":
         precision = "bf16" if capabilities.cpu_bf16 else "fp32"
+    native = {"fp32": True, "bf16": capabilities.cpu_bf16, "fp16": capabilities.cpu_fp16}
+    if backend == "openvino" and not native[precision]:
+        # OpenVINO's CPU plugin computes in f32 when the processor lacks the format: say so
+        # now (and key the cache by it), not only after the model is compiled.
+        log.warning("embedder.precision %s: this CPU has no %s instructions, so OpenVINO runs fp32",
+                    precision, precision)
+        precision = "fp32"
     return Runtime("cpu", backend, precision)
 
 
