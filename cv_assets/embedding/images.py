@@ -159,10 +159,18 @@ def _reduce_to(image: Image.Image, min_side: int) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode not in _REDUCIBLE_MODES:
         return image
+    # Block by block (rows a multiple of the factor, so the result is the same as one
+    # reduction of the whole): RGBA is premultiplied on the way, and a whole-image copy of
+    # a 64 Mpx picture would cost 256 MB.
+    width, height = image.size
+    rows = max(factor, COMPOSITE_BLOCK_PIXELS // width // factor * factor)
     try:
-        return image.reduce(factor)
+        reduced = Image.new(image.mode, (-(-width // factor), -(-height // factor)))
+        for top in range(0, height, rows):
+            reduced.paste(image.crop((0, top, width, min(height, top + rows))).reduce(factor), (0, top // factor))
     except (ValueError, OSError):
         return image
+    return reduced
 
 
 EXIF_ORIENTATION = 0x0112
@@ -188,8 +196,7 @@ def _to_rgb(image: Image.Image, label: str) -> np.ndarray:
         mode_after = "RGBA" if "transparency" in image.info else "RGB"
         return _to_rgb(image.convert(mode_after), label)
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        # asarray: the pixels are read, never written, so no second full-size copy.
-        return composite_on_background(np.asarray(image if mode == "RGBA" else image.convert("RGBA"), dtype=np.uint8))
+        return _composite_image(image if mode == "RGBA" else image.convert("RGBA"))
     if mode == "L":
         return _grey_to_rgb(np.array(image, dtype=np.uint8))
     try:
@@ -211,6 +218,18 @@ def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+
+
+def _composite_image(rgba: Image.Image) -> np.ndarray:
+    """`composite_on_background` of an RGBA PIL image, read a block of rows at a time so no
+    full-size copy of its pixels is ever made besides the RGB result."""
+    width, height = rgba.size
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, COMPOSITE_BLOCK_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = composite_on_background(np.asarray(rgba.crop((0, top, width, bottom)), dtype=np.uint8))
+    return out
 
 
 def composite_on_background(rgba: np.ndarray, background=TRANSPARENT_BACKGROUND) -> np.ndarray:
