@@ -409,18 +409,14 @@ def _demo_config(settings_factory, tmp_path, small_clip):
 
 
 def test_run_demo_failure_prints_the_failing_step_not_old_figures(settings_factory, tmp_path, small_clip):
-    settings, config = _demo_config(settings_factory, tmp_path, small_clip)
-    (settings.storage.projects_root / "beta").rename(tmp_path / "beta_aside")
-    env = {"DAGSTER_HOME": str(tmp_path / "dagster_home")}
-    first = run_cli("--config", config, "run-demo", env_extra=env)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "project alpha: ok" in first.stdout and "appearances" in first.stdout
-
+    settings, config = settings_factory()
+    folder = write_project(settings.storage.projects_root, "alpha", clip=small_clip)
+    _register_with_results(settings, folder)  # a previous run's figures: 1 appearance, continuity 8.5
     settings.storage.duckdb_path.write_bytes(b"garbage, not DuckDB\n" * 200)
-    second = run_cli("--config", config, "run-demo", env_extra=env)
-    assert second.returncode == 1
-    (line,) = [l for l in second.stdout.splitlines() if l.startswith("project alpha")]
-    assert "FAILED" in line and "appearances" not in line and "continuity" not in line
+    done = run_cli("--config", config, "run-demo", env_extra={"DAGSTER_HOME": str(tmp_path / "dagster_home")})
+    assert done.returncode == 1, done.stdout + done.stderr
+    (line,) = [l for l in done.stdout.splitlines() if l.startswith("project alpha")]
+    assert "FAILED" in line and "appearances" not in line and "8.5" not in line
     assert "step " in line and "corrupt or not a DuckDB database" in line and "move it aside" in line
 
 

@@ -86,7 +86,7 @@ def _demo_data(args) -> int:
     started = time.perf_counter()
     summary = write_demo_data(Path(args.dir))
     print(summary)
-    print(f"demo data written to {Path(args.dir).resolve()} in {time.perf_counter() - started:.1f}s")
+    print(f"demo data written to {printable(Path(args.dir).resolve())} in {time.perf_counter() - started:.1f}s")
     return 0
 
 
