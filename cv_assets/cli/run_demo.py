@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,17 +52,20 @@ class StopSignals:
         self.in_run = False
 
     def __enter__(self) -> "StopSignals":
+        self._old = {}
         self._read, self._write = socket.socketpair()
         self._read.setblocking(False)
         self._write.setblocking(False)
-        self._old_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
-        self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        if threading.current_thread() is threading.main_thread():  # (signals reach the main thread only)
+            self._old_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+            self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self._old.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(self._old_fd)
+        if self._old:
+            for signum, handler in self._old.items():
+                signal.signal(signum, handler)
+            signal.set_wakeup_fd(self._old_fd)
         self._read.close()
         self._write.close()
 
