@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cv_assets.embedding import ClipEmbedder, EmbedderConfigError
+from cv_assets.embedding.openvino_backend import forget_compiled
 from cv_assets.embedding.runtime import Capabilities, Runtime, choose_runtime
 from cv_assets.settings import EmbedderSettings
 
@@ -173,7 +174,10 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
     assert manifest["weights"].startswith("sha256:")
     written = (entry / "model.bin").stat().st_mtime_ns
 
-    # A second process (a new embedder) loads the entry instead of converting again.
+    # In the same process a second embedder shares the compiled tower.
+    assert _openvino(tiny_clip_dir, cache)._compile_tower(first._loaded, "image") is first._image_tower
+    # A second process (here: the process's compiled towers forgotten) loads the entry instead of converting.
+    forget_compiled()
     second = _openvino(tiny_clip_dir, cache)
     second.ensure_ready()
     assert not second._image_tower.built and _entries(cache) == [entry]
@@ -202,6 +206,7 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
         lambda: (entry / "model.xml").unlink(),
     ):
         damage()
+        forget_compiled()
         rebuilt = _openvino(tiny_clip_dir, cache)
         rebuilt.ensure_ready()  # never fatal
         assert (rebuilt.embed_images(_frames()) * images).sum(axis=1).min() >= 0.999
@@ -212,6 +217,7 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
 
 @needs_openvino
 def test_openvino_cache_key_covers_weights_and_precision(tiny_clip_dir, tiny_clip_dir_b, tmp_path):
+    forget_compiled()
     cache = tmp_path / "ov-cache"
     _openvino(tiny_clip_dir, cache).ensure_ready()
     _openvino(tiny_clip_dir_b, cache).ensure_ready()
@@ -226,6 +232,7 @@ def test_openvino_cache_key_covers_weights_and_precision(tiny_clip_dir, tiny_cli
 def test_in_memory_models_are_keyed_by_their_tensors(tiny_clip_dir, tmp_path):
     from transformers import CLIPModel
 
+    forget_compiled()
     cache = tmp_path / "ov-cache"
     model = CLIPModel.from_pretrained(str(tiny_clip_dir))
     one = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
@@ -233,7 +240,11 @@ def test_in_memory_models_are_keyed_by_their_tensors(tiny_clip_dir, tmp_path):
     assert one._image_tower.built
     two = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
                                   precision="fp32", compiled_cache_dir=cache)
-    assert not two._image_tower.built
+    assert two._image_tower is one._image_tower  # compiled once per process
+    forget_compiled()
+    again = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
+                                    precision="fp32", compiled_cache_dir=cache)
+    assert not again._image_tower.built  # same tensors, same key: from the disk cache
     with torch.no_grad():
         model.visual_projection.weight.mul_(-1)
     three = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
@@ -253,3 +264,14 @@ def test_backend_settings_reach_the_embedder_through_config_and_the_dagster_reso
     assert (embedder.backend, embedder.precision) == ("torch", "fp32")
     other = get_embedder(settings.embedder.model_copy(update={"precision": "bf16"}))
     assert other is not embedder and other.precision == "bf16"
+
+
+@needs_openvino
+def test_an_unwritable_cache_directory_costs_speed_not_the_run(tiny_clip_dir, tmp_path, reference):
+    _, images, _ = reference
+    forget_compiled()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    embedder = _openvino(tiny_clip_dir, blocker / "cache")  # cannot be created under a file
+    assert (embedder.embed_images(_frames()) * images).sum(axis=1).min() >= 0.999
+    assert embedder._image_tower.built

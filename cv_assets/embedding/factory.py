@@ -57,3 +57,8 @@ def clear_embedder_cache() -> None:
     """Forget every cached embedder (tests; or after replacing a model directory in place)."""
     with _guard:
         _embedders.clear()
+    import sys
+
+    openvino_backend = sys.modules.get("cv_assets.embedding.openvino_backend")
+    if openvino_backend is not None:  # never import OpenVINO just to clear nothing
+        openvino_backend.forget_compiled()

@@ -248,6 +248,19 @@ def _check_entry(entry: Path) -> None:
         raise OpenVinoCacheError(f"{entry}: {type(exc).__name__}: {exc}") from None
 
 
+def _compile_in_memory(model: Any, tower: str, precision: str, threads: int,
+                       probe: tuple[list[np.ndarray], np.ndarray], started: float) -> CompiledTower:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(_convert(model, tower), "CPU", compile_options(precision, threads))
+    result = CompiledTower(compiled, effective_precision(compiled), Path(), 0.0, built=True)
+    inputs, expected = probe
+    if float((result(*inputs) * expected).sum(axis=1).min()) < PROBE_MIN_COSINE:
+        raise OpenVinoCacheError(f"the converted CLIP {tower} tower disagrees with the torch model")
+    result.seconds = time.perf_counter() - started
+    return result
+
+
 def _compile_entry(entry: Path, precision: str, threads: int, probe: tuple[list[np.ndarray], np.ndarray]):
     import openvino as ov
 
@@ -263,19 +276,48 @@ def _compile_entry(entry: Path, precision: str, threads: int, probe: tuple[list[
     return tower
 
 
+# Compiled towers of this process, by cache entry, precision and threads: every embedder
+# of the same weights shares one (an optimisation only: each would compile its own otherwise).
+_compiled: dict[tuple[str, str, int], CompiledTower] = {}
+_compiled_guard = threading.Lock()
+
+
+def forget_compiled() -> None:
+    """Drop this process's compiled towers (tests; the next load reads the disk cache again)."""
+    with _compiled_guard:
+        _compiled.clear()
+
+
 def load_tower(model: Any, tower: str, *, weights_id: str, precision: str, cache_dir: Path, threads: int,
                on_rebuild: Callable[[str], None] | None = None) -> CompiledTower:
-    """The compiled `tower` ("image" | "text") of `model` at `precision`, from the cache when
-    a good entry exists, else converted now and cached; a bad entry is rebuilt once."""
-    started = time.perf_counter()
+    """The compiled `tower` ("image" | "text") of `model` at `precision`: compiled once per
+    process, from the disk cache when a good entry exists, else converted now and cached;
+    a bad entry is rebuilt once. An unwritable cache directory costs speed, not the run."""
     key = cache_key(weights_id, tower, precision)
     entry = Path(cache_dir) / key
+    with _compiled_guard:
+        ready = _compiled.get((str(entry), precision, threads))
+        if ready is None:
+            ready = _compiled[(str(entry), precision, threads)] = _load_tower(
+                model, tower, key, entry, weights_id=weights_id, precision=precision, threads=threads,
+                on_rebuild=on_rebuild)
+        return ready
+
+
+def _load_tower(model: Any, tower: str, key: str, entry: Path, *, weights_id: str, precision: str, threads: int,
+                on_rebuild: Callable[[str], None] | None) -> CompiledTower:
+    started = time.perf_counter()
     probe = _reference(model, tower)
     built = False
     for attempt in range(2):
         if not entry.is_dir():
             log.info("converting the CLIP %s tower to OpenVINO (%s); cached at %s", tower, precision, entry)
-            entry = _write_entry(model, tower, key, Path(cache_dir), precision, weights_id)
+            try:
+                entry = _write_entry(model, tower, key, entry.parent, precision, weights_id)
+            except OSError as exc:
+                log.warning("cannot write the OpenVINO cache at %s (%s); converting in memory for this process "
+                            "(set embedder.compiled_cache_dir to a writable folder)", entry.parent, exc)
+                return _compile_in_memory(model, tower, precision, threads, probe, started)
             built = True
         try:
             _check_entry(entry)
