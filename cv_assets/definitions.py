@@ -7,7 +7,7 @@ from dagster import Definitions
 from cv_assets.defs.analysis import ANALYSIS_ASSETS, ANALYSIS_CHECKS
 from cv_assets.defs.embeddings import EMBEDDING_ASSETS, EMBEDDING_CHECKS
 from cv_assets.defs.events import EVENT_ASSETS, EVENT_CHECKS, EVENT_JOBS, build_event_schedules
-from cv_assets.defs.projects import project_manifest, project_reprocess_job, project_sensor
+from cv_assets.defs.projects import build_project_job, project_manifest, project_sensor
 from cv_assets.defs.resources import build_resources
 from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS
 from cv_assets.settings import Settings, load_settings
@@ -18,7 +18,7 @@ def build_definitions(settings: Settings, config_path: str | None = None) -> Def
     return Definitions(
         assets=[project_manifest, *VIDEO_ASSETS, *EMBEDDING_ASSETS, *ANALYSIS_ASSETS, *EVENT_ASSETS],
         asset_checks=[*VIDEO_CHECKS, *EMBEDDING_CHECKS, *ANALYSIS_CHECKS, *EVENT_CHECKS],
-        jobs=[project_reprocess_job, *EVENT_JOBS],
+        jobs=[build_project_job(settings.runs.executor), *EVENT_JOBS],
         schedules=build_event_schedules(settings),
         sensors=[project_sensor],
         resources=build_resources(settings),

@@ -177,8 +177,16 @@ class EventsSettings(_Section):
     visitor_min_events: int = Field(3, ge=1)
 
 
+class RunsSettings(_Section):
+    # How a project run executes its steps. in_process: one process, the model loads once
+    # per run (the default). multiprocess: each step in its own process; every step reads
+    # only what the step before stored, so both give the same rows.
+    executor: Literal["in_process", "multiprocess"] = "in_process"
+
+
 class Settings(_Section):
     storage: StorageSettings = StorageSettings()
+    runs: RunsSettings = RunsSettings()
     manifests: ManifestSettings = ManifestSettings()
     embedder: EmbedderSettings = EmbedderSettings()
     sampling: SamplingSettings = SamplingSettings()

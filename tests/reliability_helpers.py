@@ -29,6 +29,8 @@ from typing import Iterator
 import numpy as np
 import yaml
 
+import write_faults
+
 HERE = Path(__file__).resolve()
 REPO = HERE.parents[1]
 DAGSTER_YAML = REPO / "dagster.yaml"
@@ -199,7 +201,7 @@ def start_project_run(
 ) -> Child:
     extra = {}
     if pause_at:
-        extra |= {"CV_ASSETS_PAUSE_AT": pause_at, "CV_ASSETS_PAUSE_MARKER": str(marker), "CV_ASSETS_PAUSE_MAX_SEC": "180"}
+        extra |= {"TEST_PAUSE_AT": pause_at, "TEST_PAUSE_MARKER": str(marker), "TEST_PAUSE_MAX_SEC": "180"}
     if dagster_home:
         extra["DAGSTER_HOME"] = str(dagster_home)
     args = [str(HERE), "run-project", str(config), *keys]
@@ -280,8 +282,12 @@ def assert_child_succeeded(child: Child, timeout: float = CHILD_TIMEOUT_SEC) -> 
 def write_defs_file(path: Path, config: Path) -> Path:
     """A code location file, as `dagster dev -f` would load it, for this config."""
     path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(HERE.parent)!r})\n"
+        "import write_faults\n"
         "from cv_assets.definitions import build_definitions\n"
         "from cv_assets.settings import load_settings\n"
+        "write_faults.pause_from_environment()  # a test may pause a write in the run's process\n"
         f"defs = build_definitions(load_settings({str(config)!r}))\n"
     )
     return path
@@ -454,6 +460,7 @@ def _run_project(config: str, keys: list[str], tags: dict[str, str], go_file: st
     from cv_assets.definitions import build_definitions
     from cv_assets.settings import load_settings
 
+    write_faults.pause_from_environment()
     settings = load_settings(config)
     defs = build_definitions(settings)
     job = defs.resolve_job_def("project_reprocess_job")

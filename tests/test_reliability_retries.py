@@ -14,7 +14,7 @@ from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from sqlalchemy.exc import OperationalError
 
 import reliability_helpers as h
-from cv_assets import faults
+import write_faults as faults
 from cv_assets.store import Warehouse
 from cv_assets.store.warehouse import WarehouseError
 
@@ -27,7 +27,7 @@ def demo_store(tmp_path, tmp_path_factory):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("projects", ["demo"])
     yield store, instance
-    faults.clear_planned_failures()
+    faults.clear()
 
 
 def test_transient_store_errors_mid_write_are_retried_and_the_run_succeeds(demo_store):
@@ -39,20 +39,20 @@ def test_transient_store_errors_mid_write_are_retried_and_the_run_succeeds(demo_
 
     # Each error fires once, inside the write transaction, right after the DELETE of the
     # project's old rows: the retry must find those rows intact, then replace them.
-    faults.fail_next("warehouse.replace_partition:frame_embeddings",
+    faults.fail_next("duckdb:frame_embeddings",
                      WarehouseError("could not open DuckDB warehouse within 60 s: Could not set lock (injected)"))
-    faults.fail_next("sqlite.replace_appearances", OperationalError("DELETE", {}, Exception("database is locked (injected)")))
-    faults.fail_next("warehouse.replace_partition:clips",
+    faults.fail_next("sqlite:asset_appearances", OperationalError("DELETE", {}, Exception("database is locked (injected)")))
+    faults.fail_next("duckdb:clips",
                      WarehouseError("could not open DuckDB warehouse within 60 s: Conflicting lock (injected)"))
     result = job.execute_in_process(partition_key="demo", instance=instance, raise_on_error=False)
 
     assert result.success
-    assert faults.planned_failures("warehouse.replace_partition:frame_embeddings") == 0
-    for step in ("video_clips", "frame_embeddings", "asset_appearances"):
+    assert faults.planned_failures("duckdb:frame_embeddings") == 0
+    for step in ("video_assets", "frame_embeddings", "asset_appearances"):
         events = h.step_events(result, step)
         assert events.count("STEP_UP_FOR_RETRY") == 1 and events.count("STEP_RESTARTED") == 1, (step, events)
         assert events.count("STEP_SUCCESS") == 1 and "STEP_FAILURE" not in events, (step, events)
-    for step in ("project_manifest", "sampled_frames", "reference_embeddings", "scene_continuity_scores"):
+    for step in ("project_manifest", "reference_embeddings", "scene_continuity_scores", "project_report"):
         assert not set(RETRIED_STEP_EVENTS) & set(h.step_events(result, step)), step
     after = h.snapshot(store.settings, "demo")
     assert after == before
@@ -63,7 +63,7 @@ def test_transient_store_errors_mid_write_are_retried_and_the_run_succeeds(demo_
     # An error that outlasts the retries fails the step (three attempts in all) and the run;
     # every attempt was rolled back, so the previous rows are all still there.
     lock_error = WarehouseError("could not open DuckDB warehouse within 60 s: Could not set lock (injected)")
-    faults.fail_next("warehouse.replace_partition:frame_embeddings", *[lock_error] * 3)
+    faults.fail_next("duckdb:frame_embeddings", *[lock_error] * 3)
     failed = job.execute_in_process(partition_key="demo", instance=instance, raise_on_error=False)
     assert not failed.success
     events = h.step_events(failed, "frame_embeddings")
@@ -74,17 +74,16 @@ def test_transient_store_errors_mid_write_are_retried_and_the_run_succeeds(demo_
 
 def test_every_store_writing_step_of_a_project_run_has_a_retry_policy(demo_store):
     store, _ = demo_store
-    from cv_assets.defs.projects import PROJECT_CHAIN
-
     job = store.job()
-    policies = {name: job.graph.node_named(name).definition.retry_policy for name in PROJECT_CHAIN}
-    # project_report only writes its HTML file; every other step writes SQLite or DuckDB.
-    assert [name for name, policy in policies.items() if policy is None] == ["project_report"]
-    assert all(p.max_retries >= 1 for p in policies.values() if p is not None)
-    # ...and each retried step treats the run's termination as final (see defs/retries.py).
-    for name, policy in policies.items():
-        compute = job.graph.node_named(name).definition.compute_fn.decorated_fn
-        assert (policy is None) or getattr(compute, "__wrapped__", None) is not None, name
+    asset_nodes = [n for n in job.graph.nodes if not n.name.endswith(tuple(c.name for c in store.defs.asset_checks
+                                                                           for c in c.check_specs))]
+    assert {n.name for n in asset_nodes} >= {"project_manifest", "video_assets", "reference_embeddings", "frame_embeddings",
+                                             "asset_appearances", "scene_continuity_scores", "project_report"}
+    for node in asset_nodes:
+        # Every step writes a store (or the report file) and is retried the same way...
+        assert node.definition.retry_policy is not None and node.definition.retry_policy.max_retries >= 1, node.name
+        # ...and treats the run's termination as final (see defs/common.stop_on_termination).
+        assert getattr(node.definition.compute_fn.decorated_fn, "__wrapped__", None) is not None, node.name
 
 
 def test_a_broken_manifest_fails_once_without_retry(demo_store):
@@ -115,13 +114,13 @@ def test_an_unregistered_project_fails_every_partitioned_asset_without_retry(dem
     from dagster import materialize
 
     from cv_assets.defs.analysis import asset_appearances
-    from cv_assets.defs.video import video_clips
+    from cv_assets.defs.video import video_assets
 
     resources = dict(store.defs.resources)
-    for asset_def in (video_clips, asset_appearances):
+    for asset_def in (video_assets, asset_appearances):
         result = materialize([asset_def], partition_key="ghost", instance=instance, resources=resources,
                              raise_on_error=False)
-        events = h.step_events(result, asset_def.key.path[-1])
+        events = h.step_events(result, asset_def.op.name)
         assert not result.success and events.count("STEP_FAILURE") == 1, events
         assert not set(RETRIED_STEP_EVENTS) & set(events), (asset_def.key, events)
 
@@ -163,7 +162,7 @@ def test_a_hung_step_is_ended_by_the_max_runtime_tag(tmp_path, tmp_path_factory,
     defs_file = h.write_defs_file(tmp_path / "defs_file.py", config)
     # The code server and the run worker it starts inherit this environment.
     monkeypatch.setenv("CV_ASSETS_CONFIG", str(config))
-    monkeypatch.setenv("CV_ASSETS_PAUSE_AT", "warehouse.replace_partition:clips")
+    monkeypatch.setenv("CV_ASSETS_PAUSE_AT", "duckdb:clips")
     monkeypatch.setenv("CV_ASSETS_PAUSE_MARKER", str(marker))
     monkeypatch.setenv("CV_ASSETS_PAUSE_MAX_SEC", "120")
     instance = DagsterInstance.from_config(str(home))
@@ -222,7 +221,7 @@ def test_a_hung_step_is_ended_by_the_max_runtime_tag(tmp_path, tmp_path_factory,
     assert final.status == DagsterRunStatus.FAILURE
     assert ("PIPELINE_CANCELING", f"Canceling due to exceeding maximum runtime of {max_runtime} seconds.") in logs
     assert ("PIPELINE_FAILURE", f"Exceeded maximum runtime of {max_runtime} seconds.") in logs
-    assert any(kind == "STEP_FAILURE" and '"video_clips"' in msg for kind, msg in logs)
+    assert any(kind == "STEP_FAILURE" and '"video_assets"' in msg for kind, msg in logs)
     # The interrupt is final: the step's RetryPolicy must not start it again.
     assert not [kind for kind, _ in logs if kind in RETRIED_STEP_EVENTS]
     # The hung write was rolled back: no half partition, and no lock left behind.

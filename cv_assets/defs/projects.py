@@ -16,7 +16,8 @@ from dagster import (
     SkipReason,
     asset,
     define_asset_job,
-    multi_or_in_process_executor,
+    in_process_executor,
+    multiprocess_executor,
     sensor,
 )
 
@@ -91,21 +92,24 @@ def project_manifest(context: AssetExecutionContext, settings: SettingsResource,
     )
 
 
-project_reprocess_job = define_asset_job(
-    "project_reprocess_job",
-    selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
-    partitions_def=projects_partitions,
-    # Every step stands on its own (it reads what the step before persisted), so any executor
-    # gives the same rows. In-process is the default: the model loads once per run. Choose
-    # `multiprocess` in the launchpad (or one pod per step at scale) to spread the steps.
-    executor_def=multi_or_in_process_executor,
-    config={"execution": {"config": {"in_process": {}}}},
-    tags={"dagster/max_runtime": PROJECT_RUN_MAX_RUNTIME_SEC},
-    description="Materialise the whole chain for one project partition (manifest to report).",
-)
+EXECUTORS = {"in_process": in_process_executor, "multiprocess": multiprocess_executor}
 
 
-@sensor(job=project_reprocess_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
+def build_project_job(executor: str = "in_process"):
+    """The job that materialises one project's whole chain. Every step reads only what the
+    step before stored, so any executor gives the same rows; `runs.executor` picks one."""
+    return define_asset_job(
+        "project_reprocess_job",
+        selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
+        partitions_def=projects_partitions,
+        executor_def=EXECUTORS[executor],
+        tags={"dagster/max_runtime": PROJECT_RUN_MAX_RUNTIME_SEC},
+        description="Materialise the whole chain for one project partition (manifest to report).",
+    )
+
+
+
+@sensor(job_name="project_reprocess_job", minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
 def project_sensor(context: SensorEvaluationContext, settings: SettingsResource, app_db: AppDatabaseResource):
     """Scan `projects_root` for project manifests; validate each, sync it into SQLite, add
     its partition and request a run keyed by the manifest's content hash and the embedder
