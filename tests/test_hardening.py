@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -147,10 +148,11 @@ def test_a_second_folder_declaring_a_registered_key_is_refused_everywhere(settin
 
     other_root = tmp_path / "elsewhere" / "projects"
     intruder = write_project(other_root, "demo", name="Intruder", n_scenes=3, codes=("PROP_07",))
+    write_project(other_root, "evil\x1b]0;owned\x07", key="evil")  # control characters in a folder name
     second, config = settings_factory(storage={"projects_root": str(other_root)})
 
     result, log = tick(second, capsys)
-    assert isinstance(result, SkipReason) and "1 invalid" in str(result.skip_message)
+    assert isinstance(result, SkipReason) and "2 invalid" in str(result.skip_message)
     assert f"registered to the folder {original.resolve()}, not {intruder.resolve()}" in log
     assert _project_rows(first) == before
 
@@ -164,6 +166,8 @@ def test_a_second_folder_declaring_a_registered_key_is_refused_everywhere(settin
                                                               "DAGSTER_HOME": str(tmp_path / "dagster_home")})
     assert "skipped invalid project demo" in done.stdout, done.stdout + done.stderr
     assert "registered to the folder" in done.stdout
+    assert_no_raw_control(done.stdout + done.stderr)
+    assert "skipped invalid project evil\\x1b]0;owned\\x07" in done.stdout
     assert not [line for line in done.stdout.splitlines() if line.startswith("project demo:")]
     assert _project_rows(first) == before
 
@@ -260,6 +264,12 @@ def test_symlinked_or_special_project_yaml_is_reported_unread(settings_factory, 
     (root / "zero" / "project.yaml").symlink_to("/dev/zero")
     (root / "fifo").mkdir()
     os.mkfifo(root / "fifo" / "project.yaml")
+    device = root / "device" / "project.yaml"
+    device.parent.mkdir()
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # like /dev/zero, inside the folder
+    except (PermissionError, OSError):
+        device = None  # creating device nodes needs CAP_MKNOD
     (root / "dangling").mkdir()
     (root / "dangling" / "project.yaml").symlink_to(tmp_path / "nowhere.yaml")
 
@@ -273,6 +283,8 @@ def test_symlinked_or_special_project_yaml_is_reported_unread(settings_factory, 
     assert "outside the project folder" in lines["zero"]
     assert "is a FIFO (named pipe), not a regular file" in lines["fifo"]
     assert "a symlink whose target does not exist" in lines["dangling"]
+    if device is not None:
+        assert "is a device file, not a regular file; refused unread" in lines["device"]
 
 
 # ---------------------------------------------------------------- 11. control characters
