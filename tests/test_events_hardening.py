@@ -215,6 +215,17 @@ def test_a_thumbnail_over_the_pixel_cap_is_refused_with_the_projects_limit(setti
         "over the limit of events.thumbnail_max_pixels=250000; refused before decoding")
 
 
+def test_import_warns_about_a_bomb_thumbnail_and_keeps_the_event(tmp_path):
+    db = new_db(tmp_path)
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(event("bomb", thumbnail_base64=png_b64(1000, 1000))) + "\n")
+    report = import_events(db, path, thumbnails_root=tmp_path, thumbnail_max_bytes=1_000_000,
+                           thumbnail_max_pixels=250_000)
+    assert report.imported == 1 and stored_ids(db) == ["bomb"]
+    [warning] = report.thumbnail_warnings
+    assert warning.line == 1 and "over the limit of events.thumbnail_max_pixels=250000" in warning.reason
+
+
 def test_the_default_pixel_cap_refuses_a_small_file_declaring_64_megapixels(tmp_path):
     from cv_assets.events.backfill import BackfillLimits, embed_thumbnails
     from cv_assets.store.events import PendingEvent

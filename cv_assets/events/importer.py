@@ -32,7 +32,14 @@ from typing import BinaryIO
 
 import numpy as np
 
-from cv_assets.events.thumbnails import ThumbnailError, base64_text_limit, decode_base64_thumbnail, resolve_thumbnail_path
+from cv_assets.events.thumbnails import (
+    DEFAULT_THUMBNAIL_MAX_PIXELS,
+    ThumbnailError,
+    base64_text_limit,
+    check_thumbnail_pixels,
+    decode_base64_thumbnail,
+    resolve_thumbnail_path,
+)
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.events import existing_event_ids, insert_events
 from cv_assets.text import printable
@@ -69,12 +76,13 @@ class ImportLimits:
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS
+    thumbnail_max_pixels: int = DEFAULT_THUMBNAIL_MAX_PIXELS
 
     @classmethod
     def from_settings(cls, settings) -> "ImportLimits":
         events = settings.events
         return cls(Path(settings.storage.thumbnails_root), events.thumbnail_max_bytes, events.import_max_line_bytes,
-                   events.import_max_depth, events.import_max_field_chars)
+                   events.import_max_depth, events.import_max_field_chars, events.thumbnail_max_pixels)
 
 
 @dataclass(frozen=True)
@@ -358,7 +366,9 @@ def thumbnail_problem(row: dict, limits: ImportLimits) -> str | None:
     """Why the event's thumbnail cannot be embedded as it stands, or None."""
     try:
         if row["thumbnail_base64"]:
-            decode_base64_thumbnail(row["thumbnail_base64"], event_id=row["id"], max_bytes=limits.thumbnail_max_bytes)
+            data = decode_base64_thumbnail(row["thumbnail_base64"], event_id=row["id"],
+                                           max_bytes=limits.thumbnail_max_bytes)
+            check_thumbnail_pixels(data, event_id=row["id"], max_pixels=limits.thumbnail_max_pixels)
         elif row["thumbnail_path"]:
             # Containment is checked now; the file itself may arrive later (its absence is
             # an embedding failure, recorded and retried, not an import error).
@@ -389,13 +399,15 @@ def import_events(
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+    thumbnail_max_pixels: int = DEFAULT_THUMBNAIL_MAX_PIXELS,
     fmt: str | None = None,
     chunk_size: int = 500,
     on_progress: Callable[[int], None] | None = None,
 ) -> ImportReport:
     """Validate and insert the events of a JSONL/CSV file; see the module doc for the rules.
     `on_progress(line_number)` is called after each row."""
-    limits = ImportLimits(Path(thumbnails_root), thumbnail_max_bytes, max_line_bytes, max_depth, max_field_chars)
+    limits = ImportLimits(Path(thumbnails_root), thumbnail_max_bytes, max_line_bytes, max_depth, max_field_chars,
+                          thumbnail_max_pixels)
     path = Path(path)
     if not path.is_file():
         raise ImportFormatError(f"{path}: no such file")
@@ -467,5 +479,5 @@ def import_events_file(db: AppDatabase, path: str | Path, settings, *, fmt: str 
     return import_events(
         db, path, thumbnails_root=limits.thumbnails_root, thumbnail_max_bytes=limits.thumbnail_max_bytes,
         max_line_bytes=limits.max_line_bytes, max_depth=limits.max_depth, max_field_chars=limits.max_field_chars,
-        fmt=fmt, on_progress=on_progress,
+        thumbnail_max_pixels=limits.thumbnail_max_pixels, fmt=fmt, on_progress=on_progress,
     )
