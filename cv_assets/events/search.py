@@ -77,6 +77,16 @@ class TextSearchUnavailableError(RuntimeError):
 # ---------------------------------------------------------------- the in-memory index
 
 
+class _RowsView:
+    """The first `n` rows of one of the index's buffers (which have spare capacity)."""
+
+    def __init__(self, buffer: str):
+        self.buffer = buffer
+
+    def __get__(self, index, owner=None):
+        return self if index is None else getattr(index, self.buffer)[: index.n]
+
+
 class EventVectorIndex:
     """One model version's event vectors, kept in memory and refreshed incrementally."""
 
@@ -113,22 +123,11 @@ class EventVectorIndex:
         self.started_min = np.iinfo(np.int64).max
         self.started_max = np.iinfo(np.int64).min
 
-    # -- views of the rows (dead rows included; mask them with `live_mask`)
-    @property
-    def vectors(self) -> np.ndarray:
-        return self.matrix[: self.n]
-
-    @property
-    def camera_of_rows(self) -> np.ndarray:
-        return self.camera_codes[: self.n]
-
-    @property
-    def started_of_rows(self) -> np.ndarray:
-        return self.started_us[: self.n]
-
-    @property
-    def live_mask(self) -> np.ndarray:
-        return self.alive[: self.n]
+    # -- views of the rows held (dead rows included; mask them with `live_mask`)
+    vectors = _RowsView("matrix")
+    camera_of_rows = _RowsView("camera_codes")
+    started_of_rows = _RowsView("started_us")
+    live_mask = _RowsView("alive")
 
     @property
     def live_count(self) -> int:
