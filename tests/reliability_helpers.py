@@ -501,7 +501,7 @@ def _sqlite_writer(url: str, worker: int, iterations: int, go_file: str) -> int:
     from sqlalchemy import func, select
 
     from cv_assets.events.backfill import record_event_failures, write_event_embeddings
-    from cv_assets.embedding.refresh import _record_failures
+    from cv_assets.store.failures import record_failures
     from cv_assets.store import AppDatabase
     from cv_assets.store.models import EventEmbedding
 
@@ -514,7 +514,7 @@ def _sqlite_writer(url: str, worker: int, iterations: int, go_file: str) -> int:
         steps = [
             lambda s: record_event_failures(s, SQLITE_TEST_VERSION, {e: f"event {e}: worker {worker} pass {k}" for e in SHARED_FAILURES}),
             lambda s: write_event_embeddings(s, SQLITE_TEST_VERSION, {f"w{worker}-{k}": rng.normal(size=512).astype(np.float32)}),
-            lambda s: _record_failures(s, "frame", {f"demo/0/{i}": f"worker {worker}" for i in range(4)}, SQLITE_TEST_VERSION),
+            lambda s: record_failures(s, "frame", SQLITE_TEST_VERSION, {f"demo/0/{i}": f"worker {worker}" for i in range(4)}),
         ]
         for step in steps:
             try:

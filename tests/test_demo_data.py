@@ -19,6 +19,7 @@ import yaml
 from PIL import Image
 
 from cv_assets.demo import DemoSummary, write_demo_data
+from cv_assets.manifest import ManifestSpec
 
 SMALL = {"scene_seconds": 2.0, "fps": 24, "n_events": 40}
 SMALL_FRAMES = 48
@@ -124,8 +125,7 @@ def test_manifest_parses_and_every_referenced_file_exists(small):
 
 
 def test_manifest_passes_the_projects_validation(small):
-    manifest_module = pytest.importorskip("cv_assets.manifest")
-    spec = manifest_module.ManifestSpec.model_validate(yaml.safe_load(small.manifest_path.read_text()))
+    spec = ManifestSpec.model_validate(yaml.safe_load(small.manifest_path.read_text()))
     assert spec.project == "demo" and len(spec.scenes) == small.scenes
 
 

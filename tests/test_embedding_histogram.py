@@ -9,6 +9,8 @@ import logging
 import cv2
 import numpy as np
 import pytest
+
+from cv_assets.demo import backgrounds, sprites
 from PIL import Image
 
 from cv_assets.embedding import (
@@ -165,8 +167,6 @@ def test_fallback_configured_but_clip_available_uses_clip(settings_factory):
 @pytest.mark.parametrize("kind", ["street", "alley", "park", "interior"])
 def test_demo_assets_match_their_references_in_demo_backgrounds(embedder, kind):
     """The demo's own sprites (small, mid-stride) on its backgrounds, JPEG-compressed."""
-    sprites = pytest.importorskip("cv_assets.demo.sprites")
-    backgrounds = pytest.importorskip("cv_assets.demo.backgrounds")
     frame = backgrounds.scene_background(kind, seed=4, width=640, height=360, tint=(1.02, 1.0, 0.97)).copy()
     boxes = {}
     for i, code in enumerate(sprites.DESIGNS):

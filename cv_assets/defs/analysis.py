@@ -11,7 +11,6 @@ from dagster import (
     AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
 from cv_assets.analysis.appearances import FrameInput, ReferenceAsset
@@ -19,8 +18,7 @@ from cv_assets.analysis.continuity import SceneContinuity, SceneInput, score_sce
 from cv_assets.analysis.ground_truth import quality_against_truth
 from cv_assets.analysis.report import ReportFrame, render_report, write_report
 from cv_assets.analysis.sources import build_sources, find_appearances
-from cv_assets.defs.common import PREVIEW_ROWS, STORE_RETRY, markdown_table, partitioned_check, stop_on_termination
-from cv_assets.defs.partitions import projects_partitions
+from cv_assets.defs.common import PREVIEW_ROWS, markdown_table, partitioned_check, project_asset
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource, WarehouseResource
 from cv_assets.embedding.images import ImageError, load_image
@@ -68,21 +66,9 @@ def _quality_table(quality: dict) -> str:
          for c, q in quality.items()])
 
 
-@asset(
-    partitions_def=projects_partitions,
-    deps=["frame_embeddings", "reference_embeddings"],
-    group_name="analysis",
-    kinds={"python", "sqlite", "duckdb"},
-    retry_policy=STORE_RETRY,
-)
-@stop_on_termination
-def asset_appearances(
-    context: AssetExecutionContext,
-    settings: SettingsResource,
-    app_db: AppDatabaseResource,
-    warehouse: WarehouseResource,
-    embedder: EmbedderResource,
-) -> MaterializeResult:
+@project_asset(deps=["frame_embeddings", "reference_embeddings"], group_name="analysis", kinds={"python", "sqlite", "duckdb"})
+def asset_appearances(context: AssetExecutionContext, settings: SettingsResource,
+                      app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """Where each reference asset appears: scene, frame, time, box, confidence and source.
 
     Every configured appearance source runs over the sampled frames: clip_match compares
@@ -157,21 +143,9 @@ def appearances_are_well_formed(
     )
 
 
-@asset(
-    partitions_def=projects_partitions,
-    deps=[asset_appearances],
-    group_name="analysis",
-    kinds={"python", "sqlite", "duckdb"},
-    retry_policy=STORE_RETRY,
-)
-@stop_on_termination
-def scene_continuity_scores(
-    context: AssetExecutionContext,
-    settings: SettingsResource,
-    app_db: AppDatabaseResource,
-    warehouse: WarehouseResource,
-    embedder: EmbedderResource,
-) -> MaterializeResult:
+@project_asset(deps=[asset_appearances], group_name="analysis", kinds={"python", "sqlite", "duckdb"})
+def scene_continuity_scores(context: AssetExecutionContext, settings: SettingsResource,
+                            app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """A 0-10 continuity score per scene with its reasons: manifest adherence, identity
     consistency of recurring assets, and the visual boundary with the previous scene.
     Scenes below `quality_gate_threshold` are flagged needs_review. Stored in
@@ -211,21 +185,9 @@ def _first_and_last(rows) -> tuple[np.ndarray | None, np.ndarray | None]:
     return np.asarray(rows["embedding"].iloc[0], np.float32), np.asarray(rows["embedding"].iloc[-1], np.float32)
 
 
-@asset(
-    partitions_def=projects_partitions,
-    deps=[scene_continuity_scores],
-    group_name="analysis",
-    kinds={"python", "html"},
-    retry_policy=STORE_RETRY,
-)
-@stop_on_termination
-def project_report(
-    context: AssetExecutionContext,
-    settings: SettingsResource,
-    app_db: AppDatabaseResource,
-    warehouse: WarehouseResource,
-    embedder: EmbedderResource,
-) -> MaterializeResult:
+@project_asset(deps=[scene_continuity_scores], group_name="analysis", kinds={"python", "html"})
+def project_report(context: AssetExecutionContext, settings: SettingsResource,
+                   app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """The project's HTML report (`reports_dir/<project>.html`): per scene a contact sheet
     of the sampled frames with appearance boxes and labels, the continuity score with its
     components and reasons, and a timeline of which asset appears in which scene."""

@@ -18,6 +18,7 @@ from dagster import (
     Failure,
     PreviewWarning,
     RetryPolicy,
+    asset,
     asset_check,
 )
 
@@ -27,7 +28,7 @@ from cv_assets.text import markdown_table, printable
 STORE_RETRY = RetryPolicy(max_retries=2, delay=1.0)
 PREVIEW_ROWS = 20  # rows of a metadata table; the rest are counted
 
-__all__ = ["STORE_RETRY", "PREVIEW_ROWS", "bad_input", "markdown_table", "partitioned_check", "printable",
+__all__ = ["STORE_RETRY", "PREVIEW_ROWS", "bad_input", "markdown_table", "partitioned_check", "printable", "project_asset",
            "stop_on_termination"]
 
 
@@ -79,5 +80,16 @@ def partitioned_check(asset_def, description: str, name: str | None = None):
             return asset_check(
                 asset=asset_def, name=name or fn.__name__, partitions_def=projects_partitions, description=description
             )(fn)
+
+    return decorate
+
+
+def project_asset(*, group_name: str, kinds: set[str], deps=(), **kwargs):
+    """`@asset` for one step of a project's chain: partitioned by project, retried on a
+    transient store error (`STORE_RETRY`), and final when its run is terminated."""
+
+    def decorate(fn):
+        return asset(partitions_def=projects_partitions, group_name=group_name, kinds=kinds, deps=list(deps),
+                     retry_policy=STORE_RETRY, **kwargs)(stop_on_termination(fn))
 
     return decorate

@@ -10,11 +10,9 @@ from dagster import (
     AssetExecutionContext,
     MaterializeResult,
     MetadataValue,
-    asset,
 )
 
-from cv_assets.defs.common import PREVIEW_ROWS, STORE_RETRY, bad_input, markdown_table, partitioned_check, stop_on_termination
-from cv_assets.defs.partitions import projects_partitions
+from cv_assets.defs.common import PREVIEW_ROWS, bad_input, markdown_table, partitioned_check, project_asset
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, WarehouseResource
 from cv_assets.embedding import ModelUnavailableError
@@ -59,14 +57,7 @@ def _model_or_fail(embedder: EmbedderResource):
     return model
 
 
-@asset(
-    partitions_def=projects_partitions,
-    deps=["project_manifest"],
-    group_name="embeddings",
-    kinds={"pytorch", "sqlite"},
-    retry_policy=STORE_RETRY,
-)
-@stop_on_termination
+@project_asset(deps=["project_manifest"], group_name="embeddings", kinds={"pytorch", "sqlite"})
 def reference_embeddings(
     context: AssetExecutionContext, app_db: AppDatabaseResource, embedder: EmbedderResource
 ) -> MaterializeResult:
@@ -85,20 +76,9 @@ def reference_embeddings(
     return MaterializeResult(metadata=_metadata(report, "asset"))
 
 
-@asset(
-    partitions_def=projects_partitions,
-    deps=["sampled_frames"],
-    group_name="embeddings",
-    kinds={"pytorch", "duckdb"},
-    retry_policy=STORE_RETRY,
-)
-@stop_on_termination
-def frame_embeddings(
-    context: AssetExecutionContext,
-    app_db: AppDatabaseResource,
-    warehouse: WarehouseResource,
-    embedder: EmbedderResource,
-) -> MaterializeResult:
+@project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"pytorch", "duckdb"})
+def frame_embeddings(context: AssetExecutionContext, app_db: AppDatabaseResource,
+                     warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """A 512-d unit vector for every sampled frame of the project, in DuckDB
     `frame_embeddings` (FLOAT[512], model_version, the frame's content hash), computed from
     the lossless frame files `sampled_frames` stored (the same pixels in any process).

@@ -14,7 +14,6 @@ from dagster import (
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
-    asset,
     define_asset_job,
     in_process_executor,
     multiprocess_executor,
@@ -25,7 +24,7 @@ from cv_assets.events.backfill import embedder_fingerprint
 from cv_assets.manifest import ManifestError, ProjectKeyConflict, discover_manifests, load_manifest
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
-from cv_assets.defs.common import STORE_RETRY, bad_input, stop_on_termination
+from cv_assets.defs.common import bad_input, project_asset
 from cv_assets.store.projects import ProjectRows, load_project, upsert_project
 from cv_assets.text import printable
 
@@ -52,15 +51,7 @@ PROJECT_CHAIN = [
 PROJECT_RUN_MAX_RUNTIME_SEC = 2 * 60 * 60
 
 
-@asset(
-    partitions_def=projects_partitions,
-    group_name="projects",
-    kinds={"python", "sqlite"},
-    # A transient SQLite error (the write lock held past the busy timeout) is retried; an
-    # invalid manifest is not (it raises Failure(allow_retries=False)).
-    retry_policy=STORE_RETRY,
-)
-@stop_on_termination
+@project_asset(group_name="projects", kinds={"python", "sqlite"})
 def project_manifest(context: AssetExecutionContext, settings: SettingsResource, app_db: AppDatabaseResource) -> MaterializeResult:
     """The project's `project.yaml`, validated and synced into SQLite (projects, assets,
     scene_manifests). Re-materialising picks up edits to the manifest."""

@@ -6,7 +6,6 @@ are written by `cv_assets.store.frames.save_sampled_frames`.
 """
 # No `from __future__ import annotations` here: Dagster inspects the real `context` annotations.
 
-import time
 
 from dagster import (
     AssetCheckExecutionContext,
