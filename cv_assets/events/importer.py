@@ -215,7 +215,7 @@ def parse_json_line(text: str, max_depth: int) -> dict:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RowError(f"not valid JSON: {exc.msg} at column {exc.colno}") from None
+        raise RowError(f"not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}") from None
     except RecursionError:
         raise RowError(f"JSON nested too deeply (events.import_max_depth={max_depth})") from None
     except ValueError as exc:  # e.g. an integer of more than 4,300 digits
