@@ -90,6 +90,10 @@ class Embedder:
     family: str = ""
     dim: int = EMBEDDING_DIM
     device: str = "cpu"
+    # What computes the vectors and in which number format (recorded in asset metadata
+    # beside model_version, which they never change). ClipEmbedder sets its own.
+    backend: str = "numpy"
+    precision: str = "fp32"
     batch_size: int = 32
     prefetch_workers: int = 1
     # Whether `_prepare` runs in the worker pool too (True) or in the calling thread just
@@ -206,4 +210,5 @@ class Embedder:
         return float(a @ b / denom) if denom > 0 else 0.0
 
     def describe(self) -> dict[str, Any]:
-        return {"family": self.family, "model_version": self.model_version, "device": self.device, "dim": self.dim}
+        return {"family": self.family, "model_version": self.model_version, "device": self.device, "dim": self.dim,
+                "backend": self.backend, "precision": self.precision}

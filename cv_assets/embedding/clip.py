@@ -371,9 +371,6 @@ class ClipEmbedder(Embedder):
     def model_directory(self) -> Path:
         return self._load().directory
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "backend": self.backend, "precision": self.precision}
-
     # -- images --------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         return resize_and_crop(image, self._load().preprocess)
