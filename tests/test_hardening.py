@@ -25,7 +25,7 @@ from cv_assets.cli import main as cli_main
 from cv_assets.defs.projects import project_sensor
 from cv_assets.defs.resources import SettingsResource, build_resources
 from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS
-from cv_assets.settings import load_settings
+from cv_assets.settings import ContinuityWeights, load_settings
 from cv_assets.store import AppDatabase, Warehouse
 from cv_assets.store.models import Asset, AssetAppearance, Project, SceneManifest
 from video_fixtures import register_project, settings_yaml, write_clip
@@ -322,7 +322,7 @@ def test_control_characters_are_escaped_in_cli_and_sensor_messages(settings_fact
     ({"events": {"visitor_recluster_cron": "61 * * * *"}}, "events.visitor_recluster_cron: not a cron expression"),
     ({"continuity": {"weights": {"identity": float("inf")}}}, "continuity.weights.identity: Input should be a finite number"),
     ({"continuity": {"weights": {"adherence": float("nan")}}}, "continuity.weights.adherence: Input should be a finite number"),
-    ({"continuity": {"weights": {"adherence": 0, "identity": 0, "boundary": 0}}}, "continuity.weights: at least one of"),
+    ({"continuity": {"weights": {name: 0 for name in ContinuityWeights.model_fields}}}, "continuity.weights: at least one of"),
 ])
 def test_config_is_validated_at_load(settings_factory, tmp_path, capsys, section, key_text):
     _, config = settings_factory()

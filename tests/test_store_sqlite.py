@@ -29,7 +29,19 @@ from cv_assets.store.models import (
     RecognizedEntity,
 )
 
-HEAD = "0002"
+def _head_revision() -> str:
+    """The newest migration, so adding one does not edit these tests (0001/0002 stay fixed)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from cv_assets.store.database import MIGRATIONS_DIR
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return ScriptDirectory.from_config(cfg).get_current_head()
+
+
+HEAD = _head_revision()
 ALL_TABLES = {
     "projects", "assets", "scene_manifests", "asset_appearances", "events", "event_embeddings",
     "embedding_failures", "recognized_entities", "entity_events",
