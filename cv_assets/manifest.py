@@ -25,11 +25,12 @@ import stat
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cv_assets.analysis.ground_truth import GroundTruthError, validate_ground_truth
 from cv_assets.text import printable
 
 MANIFEST_NAME = "project.yaml"
@@ -75,11 +76,18 @@ class SceneSpec(_Strict):
     index: int = Field(ge=0)
     clip: str
     expected_assets: list[str] = []
+    # Hard cuts the clip is meant to have (seconds from its start): continuity ignores them.
+    cuts: list[Annotated[float, Field(ge=0.0)]] = []
+    # False for a deliberate change of place or time: the boundary with the previous scene
+    # is then not scored.
+    continues_previous: bool = True
 
 
 class ManifestSpec(_Strict):
     project: str
     name: str | None = None
+    # A ground truth file (see cv_assets/analysis/ground_truth.py) to measure quality against.
+    ground_truth: str | None = None
     assets: list[ReferenceAssetSpec] = []
     scenes: list[SceneSpec] = Field(min_length=1)
 
@@ -123,6 +131,10 @@ class ProjectManifest:
 
     def reference_path(self, asset: ReferenceAssetSpec) -> Path:
         return _inside(self.root, asset.reference_image, self._folders)
+
+    @property
+    def ground_truth_path(self) -> Path | None:
+        return None if self.spec.ground_truth is None else _inside(self.root, self.spec.ground_truth, self._folders)
 
 
 @dataclass(frozen=True)
@@ -351,6 +363,15 @@ def _missing_files(root: Path, spec: ManifestSpec) -> list[str]:
             problems.append(f"assets[{i}].reference_image: {asset.reference_image} resolves outside the project folder")
         elif not ref.is_file():
             problems.append(f"assets[{i}].reference_image: file not found: {asset.reference_image}")
+    if spec.ground_truth is not None:
+        truth = _inside(root, spec.ground_truth)
+        if not truth.is_relative_to(root):
+            problems.append(f"ground_truth: {spec.ground_truth} resolves outside the project folder")
+        else:
+            try:
+                validate_ground_truth(truth)
+            except GroundTruthError as exc:
+                problems.append(f"ground_truth: {exc}")
     # Clips are checked by the video sampler (which records per-scene failures) so one
     # bad clip never stops the other scenes; only a missing file is worth flagging here.
     return problems
@@ -362,7 +383,7 @@ def _content_hash(manifest_bytes: bytes, manifest: ProjectManifest) -> str:
     digest = hashlib.sha256(manifest_bytes)
     paths = [manifest.clip_path(s) for s in manifest.spec.scenes] + [
         manifest.reference_path(a) for a in manifest.spec.assets
-    ]
+    ] + ([manifest.ground_truth_path] if manifest.ground_truth_path else [])
     for path in paths:
         try:
             st = path.stat()

@@ -107,7 +107,14 @@ class SamplingSettings(_Section):
     motion_pixel_delta: int = Field(30, ge=1, le=255)
     motion_width: int = Field(160, ge=16, le=1920)
     min_spacing_sec: float = Field(0.5, ge=0.0)
-    jpeg_quality: int = Field(90, ge=10, le=100)
+    # Hard cuts (PySceneDetect's adaptive rule): a frame whose luma change from the previous
+    # one is at least cut_min_change (0..1) and cut_adaptive_ratio times the mean change of
+    # cut_window frames on each side starts a new shot; shots last at least cut_min_shot_sec.
+    cut_min_change: float = Field(0.06, gt=0.0, le=1.0)
+    cut_adaptive_ratio: float = Field(3.0, ge=1.0)
+    cut_window: int = Field(2, ge=1, le=30)
+    cut_min_shot_sec: float = Field(0.5, ge=0.0)
+    jpeg_quality: int = Field(90, ge=10, le=100)  # frames exported with extract_frames(out_dir)
     max_width: int = Field(7680, ge=16)
     max_height: int = Field(4320, ge=16)
     max_duration_sec: float = Field(3600.0, gt=0)
@@ -134,6 +141,9 @@ class AppearanceSettings(_Section):
     # Similarity thresholds by embedder family; a CLIP threshold means nothing for
     # another model. Families not listed use cv_analysis.clip_similarity_threshold.
     thresholds: dict[str, Fraction] = {"color_histogram": 0.8}
+    # face_match backend. auto: dlib when installed (the faces extra, weights included), else
+    # YuNet/SFace when face_detector_model and face_recognizer_model are set, else off.
+    face_backend: Literal["auto", "dlib", "yunet"] = "auto"
     face_detector_model: Path | None = None
     face_recognizer_model: Path | None = None
     yolo_weights: Path | None = None
@@ -144,16 +154,19 @@ class ContinuityWeights(_Section):
     adherence: float = Field(0.5, ge=0.0, allow_inf_nan=False)
     identity: float = Field(0.3, ge=0.0, allow_inf_nan=False)
     boundary: float = Field(0.2, ge=0.0, allow_inf_nan=False)
+    intra_scene: float = Field(0.2, ge=0.0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> "ContinuityWeights":
-        if self.adherence + self.identity + self.boundary <= 0:
-            raise ValueError("at least one of adherence, identity, boundary must be above 0")
+        if self.adherence + self.identity + self.boundary + self.intra_scene <= 0:
+            raise ValueError("at least one of adherence, identity, boundary, intra_scene must be above 0")
         return self
 
 
 class ContinuitySettings(_Section):
     weights: ContinuityWeights = ContinuityWeights()
+    # A detected cut this close (seconds) to one the manifest declares is that declared cut.
+    cut_tolerance_sec: float = Field(0.5, ge=0.0, allow_inf_nan=False)
 
 
 class EventsSettings(_Section):

@@ -104,7 +104,8 @@ def _timeline_table(appearances, continuity, asset_codes) -> str:
         counts[(app.asset_code, app.scene_index)] = counts.get((app.asset_code, app.scene_index), 0) + 1
     scenes = [c.scene_index for c in continuity]
     expected = {c.scene_index: set(c.found) - set(c.unexpected) | set(c.missing) for c in continuity}
-    rows = ["<h2>Timeline</h2><table><tr><th>asset</th>" + "".join(f"<th>scene {s}</th>" for s in scenes) + "</tr>"]
+    rows = ["<h2>Timeline</h2><table><tr><th>asset</th>" + "".join(f"<th>scene {s}</th>" for s in scenes) + "</tr>",
+            "<tr><th>clip</th>" + "".join(f"<td>{_clip_cell(c)}</td>" for c in continuity) + "</tr>"]
     for code in sorted(asset_codes):
         cells = []
         for s in scenes:
@@ -118,11 +119,24 @@ def _timeline_table(appearances, continuity, asset_codes) -> str:
     return "".join(rows)
 
 
+def _clip_cell(result: SceneContinuity) -> str:
+    """The clip row of the timeline: failed or partial clips and hard cuts, marked."""
+    if result.clip_status == "failed":
+        return "<span class='review'>clip failed</span>"
+    marks = [f"<span class='{'ok' if c['declared'] else 'review'}'>cut {c['timestamp_sec']:.2f}s"
+             f"{' (declared)' if c['declared'] else ''}</span>" for c in result.cuts]
+    if result.clip_status == "partial":
+        marks.insert(0, "<span class='review'>partial</span>")
+    return " ".join(marks) or "ok"
+
+
 def _quality_table(quality: dict[str, dict]) -> str:
-    rows = ["<h2>Against ground truth</h2><table><tr><th>asset</th><th>precision</th><th>recall</th><th>TP</th><th>predicted</th><th>actual</th></tr>"]
+    rows = ["<h2>Against ground truth</h2><table><tr><th>asset</th><th>precision</th><th>recall</th><th>mean IoU</th>"
+            "<th>TP</th><th>predicted</th><th>actual</th></tr>"]
     for code, q in sorted(quality.items()):
         fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
-        rows.append(f"<tr><th>{html.escape(code)}</th><td>{fmt(q['precision'])}</td><td>{fmt(q['recall'])}</td><td>{q['true_positives']}</td><td>{q['predicted']}</td><td>{q['actual']}</td></tr>")
+        rows.append(f"<tr><th>{html.escape(code)}</th><td>{fmt(q['precision'])}</td><td>{fmt(q['recall'])}</td>"
+                    f"<td>{fmt(q.get('mean_iou'))}</td><td>{q['true_positives']}</td><td>{q['predicted']}</td><td>{q['actual']}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -133,10 +147,12 @@ def _scene_section(scene_index, result, frames, by_frame, colours) -> str:
     if result is not None:
         cls = "review" if result.needs_review else "ok"
         comp = lambda v: "neutral" if v is None else f"{v:.2f}"  # noqa: E731
+        score = "no score (the clip failed)" if result.score is None else f"{result.score:.1f} / 10"
         out.append(
-            f"<p class='{cls}'>Continuity {result.score:.1f} / 10{' — needs review' if result.needs_review else ''}</p>"
-            f"<table><tr><th>adherence</th><th>identity</th><th>boundary</th></tr>"
-            f"<tr><td>{comp(result.adherence)}</td><td>{comp(result.identity)}</td><td>{comp(result.boundary)}</td></tr></table>"
+            f"<p class='{cls}'>Continuity {score}{' — needs review' if result.needs_review else ''}</p>"
+            f"<table><tr><th>adherence</th><th>identity</th><th>boundary</th><th>intra-scene</th></tr>"
+            f"<tr><td>{comp(result.adherence)}</td><td>{comp(result.identity)}</td><td>{comp(result.boundary)}</td>"
+            f"<td>{comp(result.intra_scene)}</td></tr></table>"
             "<ul>" + "".join(f"<li>{esc(r)}</li>" for r in result.reasons) + "</ul>"
         )
     out.append("<div class='sheet'>")

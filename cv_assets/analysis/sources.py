@@ -3,8 +3,9 @@
 Each source has a `name` (the `source` column of an appearance), says whether it is
 `enabled` and, if not, why (`disabled_reason`), and finds appearances with
 `find(frames, references)`. `clip_match` (region matching by embedding) is always on;
-`face_match` (OpenCV YuNet + SFace) and `yolo` (ultralytics) run when their model files
-are configured. The asset iterates over `build_sources(...)` and knows none of them.
+`face_match` runs with dlib when the faces extra is installed, or with OpenCV YuNet + SFace
+when their model files are configured (`analysis.faces`); `yolo` (ultralytics) runs when its
+weights are configured. The asset iterates over `build_sources(...)` and knows none of them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-import cv2
 import numpy as np
 
+from cv_assets.analysis import faces
 from cv_assets.analysis.appearances import Appearance, FrameInput, ReferenceAsset, candidate_regions, match_frames
 from cv_assets.settings import AppearanceSettings, CvAnalysisSettings
 
@@ -91,60 +92,69 @@ def missing_model_files(paths: dict[str, Path | None]) -> str | None:
     return f"model file not found: {', '.join(absent)}" if absent else None
 
 
+def choose_face_backend(choice: str, detector_model: Path | None, recognizer_model: Path | None,
+                        dlib_problem: Callable[[], str | None] = faces.dlib_problem) -> tuple[str | None, str | None]:
+    """(backend name, None) for the face backend that `appearances.face_backend` selects here,
+    or (None, why face_match is off). `dlib_problem` says why dlib cannot run (None: it can)."""
+    yunet_files = {"face_detector_model": detector_model, "face_recognizer_model": recognizer_model}
+    if choice == "dlib":
+        problem = dlib_problem()
+        return ("dlib", None) if problem is None else (None, f"face_backend dlib: {problem}")
+    if choice == "yunet":
+        problem = missing_model_files(yunet_files)
+        return ("yunet", None) if problem is None else (None, f"face_backend yunet: {problem}")
+    if dlib_problem() is None:
+        return "dlib", None
+    if all(p is None for p in yunet_files.values()):
+        return None, f"{faces.INSTALL_HINT} (or configure YuNet/SFace: appearances.face_detector_model and face_recognizer_model)"
+    problem = missing_model_files(yunet_files)
+    return ("yunet", None) if problem is None else (None, f"dlib not installed ({faces.INSTALL_HINT}); YuNet {problem}")
+
+
 @dataclass
 class FaceMatchSource(_Source):
-    """Faces found by YuNet, described by SFace, matched to each asset's reference face
-    (cosine >= `threshold`). `reference_images` maps asset id -> (code, RGB image)."""
+    """Faces found and described by the configured backend (`analysis.faces`: dlib from the
+    faces extra, or YuNet + SFace), each matched to the nearest reference face by the
+    backend's rule. `reference_images` maps asset id -> (code, RGB image); a reference
+    image without a face (a prop, a location) is never matched."""
 
+    backend: str = "auto"
     detector_model: Path | None = None
     recognizer_model: Path | None = None
     threshold: float = 0.6
     reference_images: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)
+    dlib_problem: Callable[[], str | None] = faces.dlib_problem
     name: str = "face_match"
+    backend_name: str | None = field(default=None, init=False)
+    backend_description: str | None = field(default=None, init=False)
     reference_faces: int = field(default=0, init=False)
 
     def __post_init__(self):
-        self.disabled_reason = self.disabled_reason or missing_model_files(
-            {"face_detector_model": self.detector_model, "face_recognizer_model": self.recognizer_model})
+        if self.disabled_reason is None:
+            self.backend_name, self.disabled_reason = choose_face_backend(
+                self.backend, self.detector_model, self.recognizer_model, self.dlib_problem)
+
+    def make_backend(self) -> faces.FaceBackend:
+        if self.backend_name == "dlib":
+            return faces.DlibFaceBackend(threshold=self.threshold)
+        return faces.YuNetFaceBackend(self.detector_model, self.recognizer_model, threshold=self.threshold)
 
     def find(self, frames, references):
         if not self.enabled:
             return []
-        detector = cv2.FaceDetectorYN.create(str(self.detector_model), "", (320, 320))
-        recognizer = cv2.FaceRecognizerSF.create(str(self.recognizer_model), "")
-
-        def faces(image_rgb: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-            bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
-            detector.setInputSize((bgr.shape[1], bgr.shape[0]))
-            _, detected = detector.detect(bgr)
-            out = []
-            for face in detected if detected is not None else []:
-                feature = recognizer.feature(recognizer.alignCrop(bgr, face)).ravel()
-                out.append((face, feature / (np.linalg.norm(feature) or 1.0)))
-            return out
-
-        known = {}
-        for asset_id, (code, image) in self.reference_images.items():
-            detected = faces(image)
-            if detected:
-                known[asset_id] = (code, max(detected, key=lambda f: f[0][-1])[1])
+        backend = self.make_backend()
+        self.backend_description = backend.describe()
+        known = faces.reference_faces(backend, self.reference_images)
         self.reference_faces = len(known)
-        found = []
-        for frame in frames:
-            for face, feature in faces(frame.image):
-                best = max(known.items(), key=lambda kv: float(feature @ kv[1][1]), default=None)
-                if best is None:
-                    continue
-                score = float(feature @ best[1][1])
-                if score >= self.threshold:
-                    x, y, w, h = (int(v) for v in face[:4])
-                    found.append(Appearance(best[0], best[1][0], frame.scene_index, frame.frame_index, frame.timestamp_sec,
-                                            (max(0, x), max(0, y), x + w, y + h), score, source=self.name))
+        found = [Appearance(m.asset_id, m.code, frame.scene_index, frame.frame_index, frame.timestamp_sec, m.box,
+                            m.confidence, source=self.name)
+                 for frame in (frames if known else []) for m in faces.match_faces(backend, frame.image, known)]
         self.found = len(found)
         return found
 
     def detail(self) -> str:
-        return f"{self.reference_faces} asset(s) with a reference face"
+        backend = self.backend_description or f"backend {self.backend_name}"
+        return f"{backend}; {self.reference_faces} of {len(self.reference_images)} reference image(s) with a face"
 
 
 @dataclass
@@ -205,7 +215,7 @@ def build_sources(
     """The configured sources, in the order their appearances are reported.
     `reference_images` is called only when face matching is configured (it decodes images)."""
     threshold = appearances.thresholds.get(embedder_family, cv.clip_similarity_threshold)
-    face = FaceMatchSource(detector_model=appearances.face_detector_model,
+    face = FaceMatchSource(backend=appearances.face_backend, detector_model=appearances.face_detector_model,
                            recognizer_model=appearances.face_recognizer_model, threshold=cv.face_match_threshold)
     if face.enabled:
         face.reference_images = reference_images()

@@ -21,7 +21,7 @@ from cv_assets.manifest import ProjectKeyConflict, discover_manifests
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.settings import load_settings
 from cv_assets.store import AppDatabase
-from cv_assets.store.projects import upsert_project
+from cv_assets.store.projects import project_outcome, upsert_project
 from cv_assets.text import printable
 
 
@@ -129,7 +129,9 @@ def _run_all(settings, instance: DagsterInstance, stop: StopSignals, session: st
         started = time.perf_counter()
         result = execute("project_reprocess_job", partition_key=key)
         summary["projects"][key] = {"success": result.success, "seconds": round(time.perf_counter() - started, 1)}
-        lines.append(_project_line(db, settings, key, result, time.perf_counter() - started))
+        line, clips_ok = _project_line(db, settings, key, result, time.perf_counter() - started)
+        lines.append(line)
+        summary["ok"] &= clips_ok  # a scene whose clip failed is never a finished project
 
     events_file = settings.storage.thumbnails_root.parent / "events" / "events.jsonl"
     if events_file.is_file():
@@ -147,7 +149,7 @@ def _run_all(settings, instance: DagsterInstance, stop: StopSignals, session: st
     failure = failure or _failure_text(execute("recurring_visitors_job"))
     summary["events"] = _events_summary(db)
     lines.append(f"event backfill: {runs} run(s); " + (f"FAILED: {failure}" if failure else json.dumps(summary["events"])))
-    summary["text"] = "\n".join(["cv_assets run summary", "=" * 21, *lines, "OK" if summary["ok"] else "SOME RUNS FAILED"])
+    summary["text"] = "\n".join(["cv_assets run summary", "=" * 21, *lines, "OK" if summary["ok"] else "SOME RUNS OR CLIPS FAILED"])
     return summary
 
 
@@ -211,23 +213,25 @@ def _metadata_value(result, asset_name: str, key: str):
     return None
 
 
-def _project_line(db: AppDatabase, settings, key: str, result, seconds: float) -> str:
-    """Figures of a successful run; for a failed one the failing step and its message (the
-    rows in the stores may be the previous run's and must not be shown as this one's)."""
+def _project_line(db: AppDatabase, settings, key: str, result, seconds: float) -> tuple[str, bool]:
+    """The summary line of a project run, and whether every clip decoded. A failed run shows
+    the failing step and its message (the rows in the stores may be the previous run's and
+    must not be shown as this one's); a scene whose clip failed has no score and is named."""
     if not result.success:
-        return f"project {key}: FAILED in {seconds:.1f}s; {_failure_text(result)}"
-    from sqlalchemy import func, select
-
-    from cv_assets.store.models import AssetAppearance, Project, SceneManifest
-
-    with db.read() as session:
-        project = session.scalar(select(Project).where(Project.key == key))
-        n_app = session.scalar(select(func.count()).select_from(AssetAppearance).where(AssetAppearance.project_id == project.id))
-        scores = session.execute(select(SceneManifest.scene_index, SceneManifest.continuity_score).where(SceneManifest.project_id == project.id).order_by(SceneManifest.scene_index)).all()
-    score_text = ", ".join(f"scene {i}: {s:.1f}" if s is not None else f"scene {i}: —" for i, s in scores)
+        return f"project {key}: FAILED in {seconds:.1f}s; {_failure_text(result)}", False
+    outcome = project_outcome(db, key)
+    scenes = ", ".join(_scene_text(scene) for scene in outcome["scenes"])
     report = Path(settings.storage.reports_dir) / f"{key}.html"
-    return (f"project {key}: ok in {seconds:.1f}s; {n_app} appearances; continuity {score_text}; "
-            f"report {printable(report) if report.exists() else '(not written)'}")
+    clips_ok = all(scene["clip_status"] != "failed" for scene in outcome["scenes"])
+    state = "ok" if clips_ok else "CLIP FAILED"
+    return (f"project {key}: {state} in {seconds:.1f}s; {outcome['appearances']} appearances; continuity {scenes}; "
+            f"report {printable(report) if report.exists() else '(not written)'}"), clips_ok
+
+
+def _scene_text(scene: dict) -> str:
+    score = "—" if scene["score"] is None else f"{scene['score']:.1f}"
+    concern = f" ({printable(scene['concern'])})" if scene["needs_review"] and scene["concern"] else ""
+    return f"scene {scene['scene']}: {score}{concern}"
 
 
 def _events_summary(db: AppDatabase) -> dict:

@@ -1,6 +1,7 @@
 """Appearances, continuity scores and the project report (wiring only; the work is in
 cv_assets/analysis, the rows are written by cv_assets/store)."""
 
+import json
 import time
 from pathlib import Path
 
@@ -15,17 +16,17 @@ from dagster import (
 
 from cv_assets.analysis.appearances import FrameInput, ReferenceAsset
 from cv_assets.analysis.continuity import SceneContinuity, SceneInput, score_scenes
-from cv_assets.analysis.ground_truth import quality_against_truth
+from cv_assets.analysis.ground_truth import GroundTruthError, quality_against_truth
 from cv_assets.analysis.report import ReportFrame, render_report, write_report
 from cv_assets.analysis.sources import build_sources, find_appearances
-from cv_assets.defs.common import PREVIEW_ROWS, markdown_table, partitioned_check, project_asset
+from cv_assets.defs.common import PREVIEW_ROWS, bad_input, markdown_table, partitioned_check, project_asset
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource, WarehouseResource
 from cv_assets.embedding.images import ImageError, load_image
 from cv_assets.store.appearances import load_appearances, replace_appearances, replace_region_embeddings
 from cv_assets.store.continuity import load_continuity, save_continuity
 from cv_assets.store.embeddings import frame_vectors
-from cv_assets.store.frames import frame_image, sampled_frame_rows
+from cv_assets.store.frames import clip_rows, frame_image, sampled_frame_rows
 from cv_assets.store.projects import ProjectRows, asset_vector
 
 
@@ -56,14 +57,20 @@ def _fmt(value: float | None) -> str:
 
 
 def _quality(project: ProjectRows, appearances, frame_keys, min_iou: float) -> dict | None:
-    return quality_against_truth(Path(project.root_path), appearances, frame_keys, [a.code for a in project.assets], min_iou)
+    """Quality against the ground truth the manifest names; a file that became invalid
+    since the manifest was validated is bad input (never retried)."""
+    try:
+        return quality_against_truth(project.ground_truth_path, appearances, frame_keys, [a.code for a in project.assets],
+                                     min_iou)
+    except GroundTruthError as exc:
+        raise bad_input(str(exc)) from None
 
 
 def _quality_table(quality: dict) -> str:
     return markdown_table(
-        ["asset", "precision", "recall", "TP", "predicted", "actual"],
-        [[c, _fmt(q["precision"]), _fmt(q["recall"]), q["true_positives"], q["predicted"], q["actual"]]
-         for c, q in quality.items()])
+        ["asset", "precision", "recall", "mean IoU", "TP", "predicted", "actual"],
+        [[c, _fmt(q["precision"]), _fmt(q["recall"]), _fmt(q.get("mean_iou")), q["true_positives"], q["predicted"],
+          q["actual"]] for c, q in quality.items()])
 
 
 @project_asset(deps=["frame_embeddings", "reference_embeddings"], group_name="analysis", kinds={"python", "sqlite", "duckdb"})
@@ -147,29 +154,39 @@ def appearances_are_well_formed(
 def scene_continuity_scores(context: AssetExecutionContext, settings: SettingsResource,
                             app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """A 0-10 continuity score per scene with its reasons: manifest adherence, identity
-    consistency of recurring assets, and the visual boundary with the previous scene.
-    Scenes below `quality_gate_threshold` are flagged needs_review. Stored in
-    scene_manifests (SQLite) and appended to DuckDB `continuity_history`."""
+    consistency of recurring assets, the visual boundary with the previous scene (unless the
+    scene declares `continues_previous: false`) and hard cuts inside the clip that the
+    manifest does not announce. A scene whose clip failed has no score; it, a partial clip,
+    an unannounced cut and a score below `quality_gate_threshold` are flagged needs_review.
+    Stored in scene_manifests (SQLite) and appended to DuckDB `continuity_history`."""
     cfg = settings.load()
     project = project_or_fail(app_db, context.partition_key)
     model_version = embedder.get().model_version
     store = warehouse.get()
     appearances = load_appearances(app_db.get(), store, project.key, project.project_id, model_version)
-    scenes = [SceneInput(s.scene_index, project.expected_codes(s.scene_index),
-                         *_first_and_last(frame_vectors(store, project.key, model_version, s.scene_index)))
+    clips = {int(c.scene_index): c for c in clip_rows(store, project.key).itertuples()}
+    scenes = [_scene_input(s, clips.get(s.scene_index), frame_vectors(store, project.key, model_version, s.scene_index))
               for s in project.scenes]
-    results = score_scenes(scenes, appearances, cfg.continuity.weights.model_dump(), cfg.cv_analysis.quality_gate_threshold)
+    results = score_scenes(scenes, appearances, cfg.continuity.weights.model_dump(), cfg.cv_analysis.quality_gate_threshold,
+                           cfg.continuity.cut_tolerance_sec)
     save_continuity(app_db.get(), store, project.project_id, project.key, results, context.run_id, model_version)
     review = [r.scene_index for r in results if r.needs_review]
+    scored = [r.score for r in results if r.score is not None]
+    for r in results:
+        if r.score is None:
+            context.log.warning(f"scene {r.scene_index}: no continuity score: {r.reasons[0]}")
     return MaterializeResult(
         metadata={
             "scenes": len(results),
-            "mean_score": round(float(np.mean([r.score for r in results])), 2) if results else 0.0,
+            "mean_score": round(float(np.mean(scored)), 2) if scored else None,
             "needs_review": ", ".join(map(str, review)) or "none",
+            "failed_clips": ", ".join(str(r.scene_index) for r in results if r.clip_status == "failed") or "none",
+            "unannounced_cuts": sum(not c["declared"] for r in results for c in r.cuts),
             "scores": MetadataValue.md(markdown_table(
-                ["scene", "score", "adherence", "identity", "boundary", "missing", "unexpected", "review"],
-                [[r.scene_index, f"{r.score:.1f}", _fmt(r.adherence), _fmt(r.identity), _fmt(r.boundary),
-                  ", ".join(r.missing) or "—", ", ".join(r.unexpected) or "—", "yes" if r.needs_review else ""]
+                ["scene", "score", "review", "adherence", "identity", "boundary", "cuts", "missing", "unexpected"],
+                [[r.scene_index, "—" if r.score is None else f"{r.score:.1f}", "yes" if r.needs_review else "",
+                  _fmt(r.adherence), _fmt(r.identity), _fmt(r.boundary), _cuts_cell(r.cuts),
+                  ", ".join(r.missing) or "—", ", ".join(r.unexpected) or "—"]
                  for r in results],
             )),
             "reasons": MetadataValue.md(markdown_table(
@@ -179,10 +196,23 @@ def scene_continuity_scores(context: AssetExecutionContext, settings: SettingsRe
     )
 
 
-def _first_and_last(rows) -> tuple[np.ndarray | None, np.ndarray | None]:
-    if rows.empty:
-        return None, None
-    return np.asarray(rows["embedding"].iloc[0], np.float32), np.asarray(rows["embedding"].iloc[-1], np.float32)
+def _scene_input(scene, clip, vectors) -> SceneInput:
+    """What continuity needs of one scene: the manifest's intent, the clip's probe and cuts,
+    and the vectors of its first and last sampled frames."""
+    first = last = None
+    if not vectors.empty:
+        first, last = (np.asarray(vectors["embedding"].iloc[i], np.float32) for i in (0, -1))
+    return SceneInput(
+        scene.scene_index, json.loads(scene.expected_asset_codes), first, last,
+        clip_status=clip.status if clip is not None else "failed",
+        clip_reason=f"{clip.path}: {clip.reason}" if clip is not None else "the clip was not sampled (materialise sampled_frames)",
+        cuts=json.loads(clip.cuts) if clip is not None and isinstance(clip.cuts, str) else [],
+        declared_cuts=json.loads(scene.declared_cuts), continues_previous=scene.continues_previous,
+    )
+
+
+def _cuts_cell(cuts: list[dict]) -> str:
+    return ", ".join(f"{c['timestamp_sec']:.2f} s{' (declared)' if c['declared'] else ''}" for c in cuts) or "—"
 
 
 @project_asset(deps=[scene_continuity_scores], group_name="analysis", kinds={"python", "html"})
@@ -205,7 +235,7 @@ def project_report(context: AssetExecutionContext, settings: SettingsResource,
     path = write_report(cfg.storage.reports_dir / f"{project.key}.html", html)
     summary = markdown_table(
         ["scene", "score", "found", "missing", "review"],
-        [[c.scene_index, f"{c.score:.1f}", ", ".join(c.found) or "—", ", ".join(c.missing) or "—",
+        [[c.scene_index, "—" if c.score is None else f"{c.score:.1f}", ", ".join(c.found) or "—", ", ".join(c.missing) or "—",
           "yes" if c.needs_review else ""] for c in continuity],
     )
     return MaterializeResult(

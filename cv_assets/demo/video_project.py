@@ -278,6 +278,7 @@ def manifest_text() -> str:
     data = {
         "project": PROJECT_KEY,
         "name": PROJECT_NAME,
+        "ground_truth": "ground_truth.json",
         "assets": [
             {"code": d.code, "kind": d.kind, "name": d.name, "reference_image": f"refs/{d.code}.png"}
             for d in DESIGNS.values()

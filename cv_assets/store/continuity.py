@@ -27,7 +27,7 @@ def save_continuity(db: AppDatabase, warehouse: Warehouse, project_id: int, proj
     history = pd.DataFrame([
         {"project": project, "scene_index": r.scene_index, "run_id": run_id, "model_version": model_version,
          "score": r.score, "adherence": r.adherence, "identity": r.identity, "boundary": r.boundary,
-         "needs_review": r.needs_review, "details": json.dumps(r.as_json())}
+         "intra_scene": r.intra_scene, "needs_review": r.needs_review, "details": json.dumps(r.as_json())}
         for r in results
     ])
     warehouse.append("continuity_history", history)

@@ -38,7 +38,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 CLIP_COLUMNS = [
     "project", "scene_index", "path", "size_bytes", "codec", "width", "height", "fps",
-    "declared_frames", "decoded_frames", "duration_sec", "status", "reason", "decode_ms", "content_hash",
+    "declared_frames", "decoded_frames", "duration_sec", "status", "reason", "decode_ms", "content_hash", "cuts",
 ]
 FRAME_COLUMNS = [
     "project", "scene_index", "frame_index", "timestamp_sec", "reasons", "motion_score",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -39,6 +40,7 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(256))
     root_path: Mapped[str] = mapped_column(Text)
     manifest_hash: Mapped[str | None] = mapped_column(String(64))
+    ground_truth_path: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
     assets: Mapped[list["Asset"]] = relationship(back_populates="project", cascade="all, delete-orphan")
@@ -72,6 +74,8 @@ class SceneManifest(Base):
     scene_index: Mapped[int] = mapped_column(Integer)
     clip_path: Mapped[str] = mapped_column(Text)
     expected_asset_codes: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of codes
+    declared_cuts: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of seconds
+    continues_previous: Mapped[bool] = mapped_column(Boolean, default=True)
     cv_analysis_json: Mapped[str | None] = mapped_column(Text)
     continuity_score: Mapped[float | None] = mapped_column(Float)
 

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import OperationalError
 
 from cv_assets.manifest import ProjectKeyConflict, ProjectManifest
 from cv_assets.store.database import AppDatabase
-from cv_assets.store.models import Asset, Project, SceneManifest
+from cv_assets.store.models import Asset, AssetAppearance, Project, SceneManifest
 
 
 @dataclass(frozen=True)
@@ -23,28 +23,37 @@ class SyncResult:
     scenes: int
 
 
+# (database, key, folder, content hash) this process has synced and committed.
+_SYNCED_HERE: set[tuple[str, str, str, str]] = set()
+
+
 def upsert_project(db: AppDatabase, manifest: ProjectManifest) -> SyncResult:
     """Insert or update the project, its assets and scenes; rows no longer in the manifest go.
 
     Embeddings and analysis results of unchanged assets and scenes are kept, so an edit
     to one scene does not throw away the work done on the others.
     """
+    synced_key = (db.url, manifest.key, str(manifest.root), manifest.content_hash)
     with db.write() as session:
         project = session.scalar(select(Project).where(Project.key == manifest.key))
         _check_owner(project, manifest)
         changed = project is None or project.manifest_hash != manifest.content_hash
-        if not changed:
-            # The hash covers the manifest bytes and every resolved file it names, so the
-            # rows synced from it are already these (a sensor tick re-syncs every project).
+        if not changed and synced_key in _SYNCED_HERE:
+            # The hash covers the manifest bytes and every resolved file it names, and this
+            # process already wrote the rows for it: a sensor tick over unchanged projects
+            # skips the sync. (Each process syncs once, so new code always re-derives rows.)
             return SyncResult(project.id, False, len(manifest.spec.assets), len(manifest.spec.scenes))
         if project is None:
             project = Project(key=manifest.key, name=manifest.name, root_path=str(manifest.root))
             session.add(project)
             session.flush()
         project.name, project.root_path, project.manifest_hash = manifest.name, str(manifest.root), manifest.content_hash
+        project.ground_truth_path = str(manifest.ground_truth_path) if manifest.ground_truth_path else None
         _sync_assets(session, project, manifest)
         _sync_scenes(session, project, manifest)
-        return SyncResult(project.id, changed, len(manifest.spec.assets), len(manifest.spec.scenes))
+        result = SyncResult(project.id, changed, len(manifest.spec.assets), len(manifest.spec.scenes))
+    _SYNCED_HERE.add(synced_key)  # committed
+    return result
 
 
 def _check_owner(project: Project | None, manifest: ProjectManifest) -> None:
@@ -119,6 +128,8 @@ def _sync_scenes(session, project: Project, manifest: ProjectManifest) -> None:
         scene = existing.pop(spec.index, None) or SceneManifest(project_id=project.id, scene_index=spec.index)
         scene.clip_path = str(manifest.clip_path(spec))
         scene.expected_asset_codes = json.dumps(spec.expected_assets)
+        scene.declared_cuts = json.dumps(spec.cuts)
+        scene.continues_previous = spec.continues_previous
         session.add(scene)
     if existing:
         session.execute(delete(SceneManifest).where(SceneManifest.id.in_([s.id for s in existing.values()])))
@@ -134,6 +145,7 @@ class ProjectRows:
     root_path: str
     scenes: list[SceneManifest]
     assets: list[Asset]
+    ground_truth_path: str | None = None
 
     def expected_codes(self, scene_index: int) -> list[str]:
         for scene in self.scenes:
@@ -149,10 +161,30 @@ def load_project(db: AppDatabase, key: str) -> ProjectRows | None:
             return None
         scenes = list(session.scalars(select(SceneManifest).where(SceneManifest.project_id == project.id).order_by(SceneManifest.scene_index)))
         assets = list(session.scalars(select(Asset).where(Asset.project_id == project.id).order_by(Asset.code)))
-        return ProjectRows(project.id, project.key, project.name, project.root_path, scenes, assets)
+        return ProjectRows(project.id, project.key, project.name, project.root_path, scenes, assets,
+                           project.ground_truth_path)
 
 
 def asset_vector(asset: Asset) -> np.ndarray | None:
     if asset.clip_embedding is None:
         return None
     return np.frombuffer(asset.clip_embedding, dtype=np.float32)
+
+
+def project_outcome(db: AppDatabase, key: str) -> dict:
+    """What a finished run left for a project, for summaries: the appearance count and per
+    scene its score (None when its clip failed), review flag, clip status and first concern."""
+    with db.read() as session:
+        project = session.scalar(select(Project).where(Project.key == key))
+        appearances = session.scalar(select(func.count()).select_from(AssetAppearance)
+                                     .where(AssetAppearance.project_id == project.id))
+        rows = session.execute(select(SceneManifest.scene_index, SceneManifest.continuity_score,
+                                      SceneManifest.cv_analysis_json)
+                               .where(SceneManifest.project_id == project.id).order_by(SceneManifest.scene_index)).all()
+    scenes = []
+    for index, score, details in rows:
+        details = json.loads(details) if details else {}
+        concerns = [r for r in details.get("reasons", []) if r.startswith(("clip ", "needs_review"))]
+        scenes.append({"scene": index, "score": score, "needs_review": bool(details.get("needs_review")),
+                       "clip_status": details.get("clip_status", "ok"), "concern": concerns[0] if concerns else None})
+    return {"appearances": appearances, "scenes": scenes}

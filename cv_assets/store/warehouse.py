@@ -40,8 +40,10 @@ CREATE TABLE IF NOT EXISTS clips (
     decode_ms DOUBLE,
     content_hash VARCHAR,
     probed_at TIMESTAMP DEFAULT current_timestamp,
+    cuts JSON,                        -- hard cuts inside the clip: a list of (frame_index, timestamp_sec, change)
     PRIMARY KEY (project, scene_index)
 );
+ALTER TABLE clips ADD COLUMN IF NOT EXISTS cuts JSON;
 CREATE TABLE IF NOT EXISTS sampled_frames (
     project VARCHAR NOT NULL,
     scene_index INTEGER NOT NULL,
@@ -81,13 +83,16 @@ CREATE TABLE IF NOT EXISTS continuity_history (
     run_id VARCHAR,
     computed_at TIMESTAMP DEFAULT current_timestamp,
     model_version VARCHAR,
-    score DOUBLE NOT NULL,
+    score DOUBLE,                     -- NULL: the scene's clip failed, nothing to score
     adherence DOUBLE,
     identity DOUBLE,
     boundary DOUBLE,
+    intra_scene DOUBLE,
     needs_review BOOLEAN,
     details JSON
 );
+ALTER TABLE continuity_history ALTER COLUMN score DROP NOT NULL;
+ALTER TABLE continuity_history ADD COLUMN IF NOT EXISTS intra_scene DOUBLE;
 """
 
 PARTITIONED_TABLES = ("clips", "sampled_frames", "frame_embeddings", "appearance_embeddings")

@@ -65,6 +65,8 @@ class ClipDecoder:
         self.label = label or str(path)
         self.limits = limits
         self.decoded_frames = 0
+        self.damaged_frames = 0
+        self.first_damage: str | None = None
         self.errors: list[str] = []
         self._container = None
         self._stream = None
@@ -181,7 +183,7 @@ class ClipDecoder:
             except av.error.FFmpegError as exc:
                 # Cut-off or damaged file: keep what the decoder still holds, then stop.
                 self.errors.append(f"reading stopped: {_ffmpeg_message(exc)}")
-                yield from self._flush()
+                yield from self._intact(self._flush())
                 return
             try:
                 decoded = packet.decode()
@@ -193,8 +195,7 @@ class ClipDecoder:
                     self.errors.append(f"gave up after {failures_in_a_row} undecodable packets in a row")
                     return
                 continue
-            for frame in decoded:
-                yield self._number(frame)
+            yield from self._intact(self._number(frame) for frame in decoded)
 
     def _flush(self) -> Iterator[DecodedFrame]:
         try:
@@ -203,6 +204,19 @@ class ClipDecoder:
             return
         for frame in remaining:
             yield self._number(frame)
+
+    def _intact(self, frames: Iterator[DecodedFrame]) -> Iterator[DecodedFrame]:
+        """The frames the decoder did not flag as corrupt (damaged data, concealed errors):
+        a damaged frame keeps its index but is never handed on, and is recorded."""
+        for decoded in frames:
+            if decoded.frame.is_corrupt:
+                self.damaged_frames += 1
+                message = (f"frame {decoded.index} ({decoded.timestamp_sec:.2f} s) is damaged "
+                           "(the decoder flagged it corrupt) and was not kept")
+                self.first_damage = self.first_damage or message
+                self.errors.append(message)
+                continue
+            yield decoded
 
     def _number(self, frame: av.VideoFrame) -> DecodedFrame:
         if frame.width > self.limits.max_width or frame.height > self.limits.max_height:
@@ -239,12 +253,12 @@ class ClipDecoder:
     def outcome(self) -> tuple[str, str | None]:
         """("ok" | "partial" | "failed", reason) once `frames()` is exhausted."""
         declared = self.header.declared_frames if self.header else None
-        if self.decoded_frames == 0:
+        if self.decoded_frames == self.damaged_frames:
             detail = f": {self.errors[0]}" if self.errors else " (the stream yields no frames)"
             return "failed", f"no frame could be decoded{detail}"
         of_declared = f" of {declared} declared" if declared else ""
         if self.errors:
-            return "partial", f"decoded {self.decoded_frames}{of_declared} frames; {self.errors[0]}"
+            return "partial", f"decoded {self.decoded_frames}{of_declared} frames; {self.first_damage or self.errors[0]}"
         if declared and self.decoded_frames < declared:
             return "partial", f"decoded {self.decoded_frames}{of_declared} frames; the rest is missing or unreadable"
         missing = self._missing_seconds()

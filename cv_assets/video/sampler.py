@@ -13,6 +13,7 @@ reason, so the caller can record it and move on to the next clip.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import numpy as np
 from cv_assets.settings import CvAnalysisSettings, SamplingSettings
 from cv_assets.video.decoder import ClipDecoder, DecodeLimits
 from cv_assets.video.pixels import frame_to_rgb
+from cv_assets.video.cuts import Cut, CutDetector
 from cv_assets.video.errors import VideoInputError
 from cv_assets.video.motion import downscaled_luma, motion_ratio
 from cv_assets.video.paths import validate_clip_path
@@ -87,6 +89,7 @@ class SamplingResult:
     frames: list[SampledFrame]
     decode_ms: float
     motion_candidates: int = 0
+    cuts: list[Cut] = field(default_factory=list)  # shot boundaries inside the clip
 
 
 def frame_content_hash(image: np.ndarray) -> str:
@@ -112,7 +115,7 @@ def sample_video_frames(
         size = resolved.stat().st_size
         decoder = ClipDecoder(resolved, decode_limits(sampling), label=label)
         with decoder:
-            picks, candidates, shape, last_ts = _decode_and_select(decoder, sampling, cv)
+            picks, candidates, shape, last_ts, cuts = _decode_and_select(decoder, sampling, cv)
             status, reason = decoder.outcome()
             frames = [] if status == "failed" else [_to_sampled(p) for p in picks]
     except VideoInputError as exc:
@@ -120,7 +123,7 @@ def sample_video_frames(
     except (av.error.FFmpegError, OSError) as exc:
         return _failed(label, size, decoder, f"decoding failed: {exc}", started, resolved)
     probe = _probe(label, size, decoder, status, reason, shape=shape, last_ts=last_ts, resolved=resolved)
-    return SamplingResult(probe, frames, _ms_since(started), motion_candidates=candidates)
+    return SamplingResult(probe, frames, _ms_since(started), motion_candidates=candidates, cuts=cuts)
 
 
 def _failed(label, size, decoder, reason: str, started: float, resolved: Path | None) -> SamplingResult:
@@ -136,6 +139,8 @@ def _decode_and_select(decoder: ClipDecoder, sampling: SamplingSettings, cv: CvA
         max_frames=cv.max_frames_per_clip,
         min_spacing_sec=sampling.min_spacing_sec,
     )
+    cuts = CutDetector(sampling.cut_min_change, sampling.cut_adaptive_ratio, sampling.cut_window,
+                       sampling.cut_min_shot_sec)
     previous = None
     candidates = 0
     shape = None
@@ -143,6 +148,7 @@ def _decode_and_select(decoder: ClipDecoder, sampling: SamplingSettings, cv: CvA
     pixel_delta, threshold, width = sampling.motion_pixel_delta, cv.motion_delta_threshold, sampling.motion_width
     for decoded in decoder.frames():
         small = downscaled_luma(decoded.frame, width)
+        cuts.offer(decoded.index, decoded.timestamp_sec, small)
         score = motion_ratio(previous, small, pixel_delta)
         previous = small
         candidates += score > threshold
@@ -151,7 +157,7 @@ def _decode_and_select(decoder: ClipDecoder, sampling: SamplingSettings, cv: CvA
             shape = (decoded.frame.width, decoded.frame.height)
         # The decoded frame itself rides along; only picked frames are ever converted to RGB.
         selector.offer(decoded.index, timestamp, score, decoded.frame)
-    return selector.finish(), candidates, shape, timestamp
+    return selector.finish(), candidates, shape, timestamp, cuts.finish()
 
 
 def _to_sampled(pick) -> SampledFrame:
@@ -270,4 +276,5 @@ def clip_record(result: SamplingResult) -> dict:
         "reason": probe.reason,
         "decode_ms": round(result.decode_ms, 2),
         "content_hash": clip_file_sha256(probe.resolved_path) if readable else None,
+        "cuts": json.dumps([cut.as_dict() for cut in result.cuts]),
     }
