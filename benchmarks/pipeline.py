@@ -4,8 +4,9 @@ Floors, measured in the same run on the same machine:
   decode   decode-only of the project's clips with PyAV (frame threading on);
   forward  the embedder's forward passes alone, on ready tensors, for as many images
            as the pipeline embedded (reference images, sampled frames, region crops).
-It also runs the same job under the multiprocess executor, to show why
-project_reprocess_job uses the in-process one (the model loads once per run).
+It also runs the same job under the multiprocess executor (`runs.executor: multiprocess`:
+every step in its own process, reading what the step before stored); the in-process
+executor is the default because the model loads once per run.
 
 The embedder is the full ViT-B/32 architecture with random weights: the same FLOPs as
 the real model, whose weights cannot be downloaded here.
@@ -28,25 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import av  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from dagster import (  # noqa: E402
-    AssetKey,
-    AssetSelection,
-    DagsterInstance,
-    Definitions,
-    define_asset_job,
-    execute_job,
-    multiprocess_executor,
-    reconstructable,
-)
+from dagster import DagsterInstance, execute_job, reconstructable  # noqa: E402
 
 from benchmarks.common import build_vit_b32  # noqa: E402
+from cv_assets.definitions import project_job_from_env  # noqa: E402
 
 QUICK_SCALES = [1.0, 0.5]
 
 
-def write_config(store: Path, demo: Path, model_dir: Path, scales: list[float] | None) -> Path:
+def write_config(store: Path, demo: Path, model_dir: Path, scales: list[float] | None,
+                 executor: str = "in_process") -> Path:
     store.mkdir(parents=True)
     config = {
+        "runs": {"executor": executor},
         "storage": {"sqlite_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
                     "reports_dir": "reports", "projects_root": str(demo / "projects"),
                     "thumbnails_root": str(demo / "thumbnails")},
@@ -57,25 +52,6 @@ def write_config(store: Path, demo: Path, model_dir: Path, scales: list[float] |
     path = store / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def multiprocess_job():
-    """Module-level so the multiprocess executor can rebuild it in each step process
-    (the config comes through CV_ASSETS_CONFIG)."""
-    from cv_assets.defs.partitions import projects_partitions
-    from cv_assets.defs.projects import PROJECT_CHAIN
-    from cv_assets.definitions import build_definitions
-    from cv_assets.settings import load_settings
-
-    base = build_definitions(load_settings())
-    job = define_asset_job(
-        "project_reprocess_multiprocess_job",
-        selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
-        partitions_def=projects_partitions,
-        executor_def=multiprocess_executor.configured({"max_concurrent": 2}),
-    )
-    defs = Definitions(assets=base.assets, asset_checks=base.asset_checks, jobs=[job], resources=base.resources)
-    return defs.resolve_job_def("project_reprocess_multiprocess_job")
 
 
 def run_in_process(config: Path) -> tuple[float, int]:
@@ -100,7 +76,7 @@ def run_multiprocess(config: Path) -> float:
     with DagsterInstance.local_temp(str(home)) as instance:
         instance.add_dynamic_partitions("projects", ["demo"])
         started = time.perf_counter()
-        with execute_job(reconstructable(multiprocess_job), instance=instance, tags={"dagster/partition": "demo"}) as result:
+        with execute_job(reconstructable(project_job_from_env), instance=instance, tags={"dagster/partition": "demo"}) as result:
             elapsed = time.perf_counter() - started
             if not result.success:
                 raise SystemExit("multiprocess pipeline run failed")
@@ -179,7 +155,7 @@ def main() -> None:
 
         mp = None
         if not args.skip_multiprocess:
-            mp = run_multiprocess(write_config(root / "multiproc", root / "demo", model_dir, scales))
+            mp = run_multiprocess(write_config(root / "multiproc", root / "demo", model_dir, scales, "multiprocess"))
             print(f"  pipeline (multiprocess executor)        {mp:8.1f} s  ({mp / p:.2f}x the in-process run)")
         print(f"RATIO pipeline_vs_floor {ratio:.2f} target <= 1.3")
         if mp is not None:
