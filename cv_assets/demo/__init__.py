@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cv_assets.demo.events import CAMERAS, MIN_EVENTS, write_events
+from cv_assets.demo.events import CAMERAS, MIN_EVENTS, EventsOutput, write_events
 from cv_assets.demo.sprites import DESIGNS
-from cv_assets.demo.video_project import PROJECT_KEY, SCENES, write_project
+from cv_assets.demo.video_project import PROJECT_KEY, SCENES, ProjectOutput, write_project
 
 DEFAULT_SEED = 2026
 
@@ -32,28 +32,24 @@ __all__ = ["DemoSummary", "write_demo_data"]
 
 @dataclass(frozen=True)
 class DemoSummary:
-    """What `write_demo_data` wrote: paths and counts."""
+    """What `write_demo_data` wrote: paths and counts. The project's and the events' own
+    figures (`manifest_path`, `clip_paths`, `events`, `thumbnails_dir`, ...) read as the
+    summary's attributes."""
 
     root: Path
-    project_dir: Path
-    manifest_path: Path
-    ground_truth_path: Path
-    clip_paths: tuple[Path, ...]
-    reference_paths: tuple[Path, ...]
-    events_path: Path
-    events_truth_path: Path
-    thumbnails_dir: Path
+    project: ProjectOutput
+    event_set: EventsOutput
     scenes: int
-    frames: int
     assets: int
-    events: int
-    corrupted: int
-    visitors: int
-    visitor_events: int
-    file_thumbnails: int
-    cameras: int
-    days: int
     elapsed_sec: float
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("project", "event_set"):  # copy/pickle probes, unset fields
+            raise AttributeError(name)
+        for part in (self.project, self.event_set):
+            if name in part.__dataclass_fields__:
+                return getattr(part, name)
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
 
     def __str__(self) -> str:
         return (
@@ -96,28 +92,8 @@ def write_demo_data(
     _remove_earlier_demo(root)
     project = write_project(root / "projects", n_frames, fps)
     events = write_events(root, n_events, seed)
-    return DemoSummary(
-        root=root,
-        project_dir=project.project_dir,
-        manifest_path=project.manifest_path,
-        ground_truth_path=project.ground_truth_path,
-        clip_paths=project.clip_paths,
-        reference_paths=project.reference_paths,
-        events_path=events.events_path,
-        events_truth_path=events.truth_path,
-        thumbnails_dir=events.thumbnails_dir,
-        scenes=len(SCENES),
-        frames=project.frames,
-        assets=len(DESIGNS),
-        events=events.events,
-        corrupted=events.corrupted,
-        visitors=events.visitors,
-        visitor_events=events.visitor_events,
-        file_thumbnails=events.file_thumbnails,
-        cameras=events.cameras,
-        days=events.days,
-        elapsed_sec=time.perf_counter() - started,
-    )
+    return DemoSummary(root, project, events, scenes=len(SCENES), assets=len(DESIGNS),
+                       elapsed_sec=time.perf_counter() - started)
 
 
 def _remove_earlier_demo(root: Path) -> None:

@@ -255,7 +255,7 @@ def spell_base64(data: bytes, spelling: str) -> str:
 @dataclass(frozen=True)
 class EventsOutput:
     events_path: Path
-    truth_path: Path
+    events_truth_path: Path
     thumbnails_dir: Path
     events: int
     corrupted: int
