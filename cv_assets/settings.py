@@ -14,6 +14,7 @@ against the directory of the config file (the repo root for the default file).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -55,21 +56,65 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
+DEFAULT_DATABASE_URL = "sqlite:///data/cv_assets.sqlite"
+DATABASE_SCHEMES = ("sqlite", "postgresql")
+
+
 class StorageSettings(_Section):
-    sqlite_url: str = "sqlite:///data/cv_assets.sqlite"
+    # The application database: an SQLite file by default (`make run`, no server), or
+    # PostgreSQL at scale (`postgresql+psycopg://user:pass@host/db`). Same migrations, same queries.
+    database_url: str = DEFAULT_DATABASE_URL
+    # Deprecated alias of database_url (its name before PostgreSQL support). Still read from
+    # config files and the environment when database_url is not set; after loading it always
+    # equals database_url, so code that reads it keeps working. Where both are set, database_url wins.
+    sqlite_url: str | None = None
+    # The warehouse: a local DuckDB file (default), or a DuckLake whose catalog is a
+    # PostgreSQL database (ducklake_catalog_url) and whose data files lie under ducklake_data_path.
+    warehouse: Literal["duckdb", "ducklake"] = "duckdb"
     duckdb_path: Path = Path("data/warehouse.duckdb")
+    ducklake_catalog_url: str | None = None
+    ducklake_data_path: str = "data/ducklake"
     frames_dir: Path = Path("data/frames")
     reports_dir: Path = Path("data/reports")
     projects_root: Path = Path("data/projects")
     thumbnails_root: Path = Path("data/thumbnails")
 
-    @field_validator("sqlite_url")
+    @model_validator(mode="before")
     @classmethod
-    def _sqlite_only(cls, value: str) -> str:
-        # Validated on the field so the error names storage.sqlite_url itself.
-        if not value.startswith("sqlite"):
-            raise ValueError("must be a sqlite:/// URL")
+    def _legacy_sqlite_url(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("sqlite_url") is None:
+            return data
+        legacy, current = data["sqlite_url"], data.get("database_url")
+        if current is None:
+            warnings.warn("storage.sqlite_url is deprecated: use storage.database_url", DeprecationWarning,
+                          stacklevel=2)
+            return {**data, "database_url": legacy}
+        # Both set (a config file naming both, or an assignment of database_url): database_url wins.
+        return {**data, "sqlite_url": current}
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        # Validated on the field so the error names storage.database_url itself.
+        scheme = value.split(":", 1)[0].split("+", 1)[0]
+        if scheme not in DATABASE_SCHEMES:
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        if scheme == "postgresql" and not value.startswith("postgresql+psycopg://"):
+            value = "postgresql+psycopg://" + value.split("://", 1)[1]  # the driver cv_assets installs
         return value
+
+    @model_validator(mode="after")
+    def _mirror_alias(self) -> "StorageSettings":
+        # object.__setattr__: a plain assignment would validate (and call this) again.
+        if self.sqlite_url != self.database_url:
+            object.__setattr__(self, "sqlite_url", self.database_url)
+        if self.warehouse == "ducklake" and not self.ducklake_catalog_url:
+            raise ValueError("warehouse ducklake needs storage.ducklake_catalog_url (a PostgreSQL URL)")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
 
 
 class ManifestSettings(_Section):
@@ -290,9 +335,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         value = getattr(storage, field).expanduser()
         setattr(storage, field, value if value.is_absolute() else (base / value).resolve())
     prefix = "sqlite:///"
-    if storage.sqlite_url.startswith(prefix) and ":memory:" not in storage.sqlite_url:
-        db_path = Path(storage.sqlite_url[len(prefix):]).expanduser()
-        storage.sqlite_url = prefix + str(db_path)
-        if not db_path.is_absolute():
-            storage.sqlite_url = prefix + str((base / db_path).resolve())
+    url = storage.database_url
+    if url.startswith(prefix) and ":memory:" not in url:
+        db_path = Path(url[len(prefix):]).expanduser()
+        url = prefix + str(db_path if db_path.is_absolute() else (base / db_path).resolve())
+    data_path = storage.ducklake_data_path
+    if "://" not in data_path and not Path(data_path).expanduser().is_absolute():
+        data_path = str((base / Path(data_path).expanduser()).resolve())
+    settings.storage = storage.model_copy(update={"database_url": url, "sqlite_url": url,
+                                                  "ducklake_data_path": data_path})
     return settings

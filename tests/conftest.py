@@ -113,3 +113,55 @@ def settings_factory(tmp_path, tiny_clip_dir):
         return load_settings(config_path, env={}), config_path
 
     return make
+
+
+# ---------------------------------------------------------------- PostgreSQL (the scale-out backend)
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A real PostgreSQL server with pgvector, from the `pgserver` pip package (test extra),
+    started once per session on a Unix socket and stopped at the end."""
+    import shutil
+    import tempfile
+
+    import pgserver
+
+    # Not under tmp_path_factory: as root, pgserver runs the server as another user, who
+    # cannot enter pytest's private (0700) temp folders.
+    data_dir = tempfile.mkdtemp(prefix="cv_assets_pg_")
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    yield server
+    server.cleanup()
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def pg_url(server, database: str) -> str:
+    """The SQLAlchemy URL of `database` on a pgserver server (Unix socket, user postgres)."""
+    from urllib.parse import parse_qs, urlparse
+
+    socket_dir = parse_qs(urlparse(server.get_uri()).query)["host"][0]
+    return f"postgresql+psycopg://postgres@/{database}?host={socket_dir}"
+
+
+@pytest.fixture
+def postgres_url(pg_server):
+    """A new, empty PostgreSQL database for this test (dropped afterwards)."""
+    import uuid
+
+    name = f"cv_{uuid.uuid4().hex[:12]}"
+    pg_server.psql(f"CREATE DATABASE {name};")
+    yield pg_url(pg_server, name)
+    from cv_assets.store import database
+
+    database._migrated.discard((pg_url(pg_server, name), 0, 0))
+    pg_server.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE);")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def app_db_url(request, tmp_path):
+    """The application database URL, once per backend: an SQLite file in tmp_path and a
+    fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'app.sqlite'}"
+    return request.getfixturevalue("postgres_url")

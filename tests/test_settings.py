@@ -170,9 +170,28 @@ def test_nested_values_are_validated(tmp_path):
     assert "continuity.weights.identity" in message
 
 
-def test_non_sqlite_url_is_rejected(tmp_path):
-    message = load_error(write_config(tmp_path, "storage: {sqlite_url: 'postgresql://x/y'}\n"))
-    assert "storage.sqlite_url: must be a sqlite:/// URL (got 'postgresql://x/y')" in message
+def test_unknown_database_scheme_is_rejected(tmp_path):
+    message = load_error(write_config(tmp_path, "storage: {database_url: 'mysql://x/y'}\n"))
+    assert "storage.database_url: must be a sqlite:/// or postgresql+psycopg:// URL (got 'mysql://x/y')" in message
+
+
+def test_database_url_takes_postgresql_and_sqlite_url_stays_an_alias(tmp_path):
+    storage = load_settings(write_config(tmp_path, "storage: {database_url: 'postgresql://u:p@db:5432/cv'}\n"),
+                            env={}).storage
+    assert storage.database_url == storage.sqlite_url == "postgresql+psycopg://u:p@db:5432/cv"
+    assert not storage.is_sqlite
+    with pytest.warns(DeprecationWarning, match="storage.database_url"):
+        legacy = load_settings(write_config(tmp_path, "storage: {sqlite_url: 'sqlite:///old.sqlite'}\n"),
+                               env={}).storage
+    assert legacy.database_url == legacy.sqlite_url == f"sqlite:///{tmp_path / 'old.sqlite'}"
+    both = load_settings(write_config(tmp_path, "storage: {sqlite_url: 'sqlite:///a', database_url: 'sqlite:///b'}\n"),
+                         env={}).storage
+    assert both.database_url == both.sqlite_url == f"sqlite:///{tmp_path / 'b'}"
+
+
+def test_ducklake_needs_a_catalog(tmp_path):
+    message = load_error(write_config(tmp_path, "storage: {warehouse: ducklake}\n"))
+    assert "ducklake_catalog_url" in message
 
 
 # --- environment overrides ----------------------------------------------------------

@@ -1,9 +1,15 @@
-"""The SQLite application database: engine set-up, migrations, transactions.
+"""The application database: engine set-up, migrations, transactions. An SQLite file by
+default, PostgreSQL (psycopg 3) at scale; the same migrations and queries run on both.
 
-WAL mode lets readers work while one writer writes; a busy timeout makes a second
+SQLite: WAL mode lets readers work while one writer writes; a busy timeout makes a second
 writer wait instead of failing; read-then-write transactions use `write()`, which
 begins IMMEDIATE so two writers can never both read stale state and then collide
 on upgrade from a read lock to a write lock ("database is locked").
+
+PostgreSQL: `write()` takes one transaction-scoped advisory lock first, so read-then-write
+transactions are serialised exactly as BEGIN IMMEDIATE serialises them on SQLite (they are
+short: no embedding runs inside one). Concurrent backfill workers claim disjoint batches
+with `claim()` (row locks, `FOR ... SKIP LOCKED`) and only take the write lock to store.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from cv_assets.store.locks import file_lock
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
+# pg_advisory_xact_lock key of write(): any 64-bit number no other application uses.
+WRITE_LOCK_KEY = 0x63765F617373  # "cv_ass"
 
 # Files already migrated to head by this process, keyed by (url, device, inode): a file
 # deleted and created again is a new database and must be migrated again. In-memory
@@ -39,7 +47,7 @@ class DatabaseUnavailableError(RuntimeError):
 
 
 class AppDatabase:
-    """One SQLite application database. Cheap to construct; migrates on first use."""
+    """One application database (SQLite or PostgreSQL). Cheap to construct; migrates on first use."""
 
     def __init__(self, url: str, *, migrate: bool = True):
         self.url = url
@@ -47,6 +55,15 @@ class AppDatabase:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         if migrate:
             self.upgrade()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @property
+    def supports_skip_locked(self) -> bool:
+        """Whether several workers can claim disjoint rows at once (PostgreSQL)."""
+        return self.engine.dialect.name == "postgresql"
 
     @property
     def path(self) -> Path | None:
@@ -61,6 +78,8 @@ class AppDatabase:
             lock_target = self.path.with_suffix(self.path.suffix + ".migrate.lock") if self.path else None
             try:
                 with file_lock(lock_target), self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":  # processes migrating at once wait for each other
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY + 1})
                     cfg = _alembic_config(self.url)
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, revision)
@@ -71,6 +90,8 @@ class AppDatabase:
                 _migrated.add(key)
 
     def _migration_key(self) -> tuple[str, int, int] | None:
+        if not self.url.startswith("sqlite"):
+            return (self.url, 0, 0)  # a server database is not deleted and created again under us
         path = self.path
         if path is None or not path.exists():
             return None
@@ -86,12 +107,15 @@ class AppDatabase:
 
     def unavailable(self, action: str, exc: BaseException) -> DatabaseUnavailableError:
         reason = str(getattr(exc, "orig", None) or getattr(exc, "strerror", None) or exc)
-        where = self.path or self.url
+        where = self.path or self.engine.url.render_as_string(hide_password=True)
         if "not a database" in reason or "malformed" in reason:
             hint = "The file is not an SQLite database or is damaged: restore it from a backup, or move it aside to start empty"
         else:
             hint = ("Check that the folder and the file are writable by this user, or point storage.sqlite_url "
                     "at a writable location")
+            if not self.is_sqlite:
+                hint = ("Check that the PostgreSQL server in storage.database_url is running, reachable, and that "
+                        "the user may connect and create tables")
         return DatabaseUnavailableError(f"{action} the application database {where}: {reason}. {hint}")
 
     @contextmanager
@@ -102,15 +126,37 @@ class AppDatabase:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A session in a BEGIN IMMEDIATE transaction: committed on success, rolled back on error."""
+        """A session in a BEGIN IMMEDIATE transaction (SQLite) or a transaction holding the
+        write lock (PostgreSQL): committed on success, rolled back on error."""
         with self._sessions() as session:
             session.connection(execution_options={"sqlite_immediate": True})
+            self.lock_writes(session)
             try:
                 yield session
                 session.commit()
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def claim(self) -> Iterator[Session]:
+        """A session in a plain transaction that may hold row locks (`FOR ... SKIP LOCKED`)
+        for as long as the work on the rows takes: committed on success, rolled back on
+        error. The server rolls it back, releasing the rows, when the process dies. Call
+        `lock_writes(session)` before a read-then-write inside it."""
+        with self._sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def lock_writes(self, session: Session) -> None:
+        """Serialise this transaction's writes with every other writer (PostgreSQL; on SQLite
+        write() already holds the database's one write lock)."""
+        if self.engine.dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK_KEY})
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -119,11 +165,14 @@ class AppDatabase:
 def _alembic_config(url: str) -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    cfg.set_main_option("sqlalchemy.url", url)
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # configparser interpolates %
     return cfg
 
 
 def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        # pre_ping: a pooled connection the server closed (restart, idle timeout) is replaced.
+        return create_engine(url, pool_pre_ping=True)
     path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
     if path and ":memory:" not in path:
         try:
