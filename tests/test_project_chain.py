@@ -74,7 +74,9 @@ def test_chain_materialises_every_asset_with_rows(demo_env):
     assert counts["frame_embeddings"] == counts["sampled_frames"]
     assert counts["appearances"] > 0 and counts["appearance_embeddings"] == counts["appearances"]
     assert "color_histogram" in mats["asset_appearances"]["embedder"]
-    assert mats["asset_appearances"]["source_face_match"].startswith("disabled: not configured")
+    # dlib from the faces extra when installed; the demo's sprites have no faces
+    assert mats["asset_appearances"]["source_face_match"].startswith(
+        ("enabled, 0 appearance(s): backend dlib", "disabled: install the faces extra"))
     assert mats["asset_appearances"]["source_yolo"].startswith("disabled")
     report = settings.storage.reports_dir / "demo.html"
     assert report.is_file() and "<h2>Scene 3</h2>" in report.read_text()
