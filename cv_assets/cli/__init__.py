@@ -94,10 +94,10 @@ def _db(args) -> int:
     from cv_assets.store import AppDatabase
 
     settings = load_settings(args.config)
-    db = AppDatabase(settings.storage.sqlite_url, migrate=False)
+    db = AppDatabase(settings.storage.database_url, migrate=False)
     if args.action == "upgrade":
         db.upgrade(args.revision)
-    print(f"{printable(settings.storage.sqlite_url)}: revision {db.current_revision()}")
+    print(f"{printable(db.engine.url.render_as_string(hide_password=True))}: revision {db.current_revision()}")
     return 0
 
 
@@ -138,7 +138,7 @@ def _reassign(settings, key: str | None) -> int:
         manifest = load_manifest(settings.storage.projects_root / key, settings.manifests)
     except ManifestError as exc:
         return _fail(exc, 1)
-    previous = reassign_project(AppDatabase(settings.storage.sqlite_url), manifest.key, manifest.root)
+    previous = reassign_project(AppDatabase(settings.storage.database_url), manifest.key, manifest.root)
     if previous is None:
         print(f"project {key} is not registered yet; the sensor or run-demo will register {printable(manifest.root)}")
     else:
@@ -152,7 +152,7 @@ def _check_owners(settings, manifests):
     from cv_assets.store import AppDatabase
     from cv_assets.store.projects import check_owners
 
-    db = AppDatabase(settings.storage.sqlite_url, migrate=False)
+    db = AppDatabase(settings.storage.database_url, migrate=False)
     if db.path is None or not db.path.is_file():
         return manifests, {}
     try:

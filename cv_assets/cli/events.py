@@ -198,7 +198,7 @@ def _emit(args, document: dict, lines: list[str]) -> None:
 def _database(settings: Settings):
     from cv_assets.store import AppDatabase
 
-    return AppDatabase(settings.storage.sqlite_url)
+    return AppDatabase(settings.storage.database_url)
 
 
 def _embedder(settings: Settings):

@@ -111,7 +111,7 @@ def _run_all(settings, instance: DagsterInstance, stop: StopSignals, session: st
     from cv_assets.events.importer import import_events_file
 
     defs = build_definitions(settings)
-    db = AppDatabase(settings.storage.sqlite_url)
+    db = AppDatabase(settings.storage.database_url)
     lines, summary = [], {"projects": {}, "events": {}, "ok": True}
 
     def execute(job_name: str, **kwargs):

@@ -32,7 +32,7 @@ def project_or_fail(app_db: AppDatabaseResource, key: str) -> ProjectRows:
     """The project's rows (folder, scenes, assets); a non-retried Failure when it is not registered."""
     project = load_project(app_db.get(), key)
     if project is None:
-        raise bad_input(f"project {key!r} is not registered in {app_db.sqlite_url}: materialise project_manifest "
+        raise bad_input(f"project {key!r} is not registered in {app_db.url}: materialise project_manifest "
                         "(or let project_sensor find its project.yaml) first")
     return project
 

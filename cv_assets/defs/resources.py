@@ -28,12 +28,21 @@ class SettingsResource(ConfigurableResource):
 
 
 class AppDatabaseResource(ConfigurableResource):
-    """The SQLite application database (migrated on first use)."""
+    """The application database, SQLite or PostgreSQL (migrated on first use).
+    `sqlite_url` is the deprecated name of `database_url`."""
 
-    sqlite_url: str
+    database_url: str | None = None
+    sqlite_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        url = self.database_url or self.sqlite_url
+        if not url:
+            raise ValueError("AppDatabaseResource needs database_url")
+        return url
 
     def get(self) -> AppDatabase:
-        return AppDatabase(self.sqlite_url)
+        return AppDatabase(self.url)
 
 
 class WarehouseResource(ConfigurableResource):
@@ -77,7 +86,7 @@ def build_resources(settings: Settings) -> dict:
     """All resources for one configuration; tests call this with their own settings."""
     return {
         "settings": SettingsResource.from_settings(settings),
-        "app_db": AppDatabaseResource(sqlite_url=settings.storage.sqlite_url),
+        "app_db": AppDatabaseResource(database_url=settings.storage.database_url),
         "warehouse": WarehouseResource(duckdb_path=str(settings.storage.duckdb_path)),
         "embedder": EmbedderResource.from_settings(settings.embedder),
     }
