@@ -15,21 +15,20 @@ from cv_assets.store.models import Asset, AssetAppearance
 from cv_assets.store.warehouse import Warehouse
 
 
+# Columns an Appearance and its row share under the same name.
+SHARED_FIELDS = ("asset_id", "scene_index", "frame_index", "timestamp_sec", "confidence", "source")
+
+
+def _shared_fields(record) -> dict:
+    return {name: getattr(record, name) for name in SHARED_FIELDS}
+
+
 def replace_appearances(db: AppDatabase, project_id: int, appearances: Sequence[Appearance]) -> int:
     """Replace the project's appearance rows in one transaction."""
     with db.write() as session:
         session.execute(delete(AssetAppearance).where(AssetAppearance.project_id == project_id))
         session.add_all(
-            AssetAppearance(
-                asset_id=a.asset_id,
-                project_id=project_id,
-                scene_index=a.scene_index,
-                frame_index=a.frame_index,
-                timestamp_sec=a.timestamp_sec,
-                bbox=json.dumps(list(a.bbox)),
-                confidence=a.confidence,
-                source=a.source,
-            )
+            AssetAppearance(project_id=project_id, bbox=json.dumps(list(a.bbox)), **_shared_fields(a))
             for a in appearances
         )
     return len(appearances)
@@ -71,16 +70,7 @@ def load_appearances(db: AppDatabase, warehouse: Warehouse, project: str, projec
             .order_by(AssetAppearance.scene_index, AssetAppearance.frame_index, Asset.code)
         ).all()
     return [
-        Appearance(
-            asset_id=row.asset_id,
-            asset_code=code,
-            scene_index=row.scene_index,
-            frame_index=row.frame_index,
-            timestamp_sec=row.timestamp_sec,
-            bbox=tuple(json.loads(row.bbox)),
-            confidence=row.confidence,
-            source=row.source,
-            embedding=by_key.get((row.scene_index, row.frame_index, code)),
-        )
+        Appearance(asset_code=code, bbox=tuple(json.loads(row.bbox)),
+                   embedding=by_key.get((row.scene_index, row.frame_index, code)), **_shared_fields(row))
         for row, code in rows
     ]
