@@ -152,6 +152,25 @@ def test_describe_names_backend_and_model_files(found):
     assert "Euclidean distance <= 0.6" in text and "2 of 3 reference image(s) with a face" in text
 
 
+def test_grey_rgba_and_tiny_images(portraits):
+    backend = faces.DlibFaceBackend()
+    image, box = portraits["HOPPER"]
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    for variant in (grey, rgba):
+        detected = backend.faces(variant)
+        assert len(detected) == 1 and iou(detected[0][0].box, box) >= 0.5
+    assert backend.faces(np.zeros((1, 1, 3), np.uint8)) == []
+
+
+def test_a_damaged_model_file_is_named(tmp_path):
+    pytest.importorskip("dlib", reason=INSTALL)
+    for name in faces.DLIB_MODEL_FILES.values():
+        (tmp_path / name).write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match="cannot load dlib model file .*shape_predictor_5_face_landmarks.dat"):
+        faces.DlibFaceBackend(models_dir=tmp_path)
+
+
 def test_confidence_mapping():
     backend = object.__new__(faces.DlibFaceBackend)
     backend.threshold = 0.6

@@ -89,8 +89,17 @@ class FaceBackend(ABC):
 
     def faces(self, image: np.ndarray) -> list[tuple[Face, np.ndarray]]:
         """Every face in the image with its descriptor."""
-        image = np.ascontiguousarray(image)
+        image = as_rgb(image)
         return [(face, self.descriptor(image, face)) for face in self.detect(image)]
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """A contiguous RGB uint8 view of a grey, RGB or RGBA image (detectors take nothing else)."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[:, :, :3]
+    return np.ascontiguousarray(image, dtype=np.uint8)
 
 
 def _clip_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> Box | None:
@@ -114,6 +123,10 @@ def dlib_problem() -> str | None:
     """Why the dlib backend cannot run here, or None when it can."""
     if importlib.util.find_spec("dlib") is None:
         return f"dlib is not installed ({INSTALL_HINT})"
+    try:
+        import dlib  # noqa: F401  (a wheel built for another platform fails here, not mid-run)
+    except (ImportError, OSError) as exc:
+        return f"dlib does not load: {exc}"
     models = dlib_models_dir()
     if models is None:
         return f"the face-recognition-models package is not installed ({INSTALL_HINT})"
@@ -128,7 +141,13 @@ def _dlib_models(landmarks: str, descriptor: str) -> tuple[Any, Any, Any]:
     no state between calls."""
     import dlib
 
-    return dlib.get_frontal_face_detector(), dlib.shape_predictor(landmarks), dlib.face_recognition_model_v1(descriptor)
+    loaded = [dlib.get_frontal_face_detector()]
+    for load, path in ((dlib.shape_predictor, landmarks), (dlib.face_recognition_model_v1, descriptor)):
+        try:
+            loaded.append(load(path))
+        except RuntimeError as exc:
+            raise RuntimeError(f"cannot load dlib model file {path}: {exc}") from None
+    return tuple(loaded)
 
 
 class DlibFaceBackend(FaceBackend):
@@ -188,6 +207,7 @@ class DlibFaceBackend(FaceBackend):
         return self._describe_scaled(self._scaled(image)[0], face)
 
     def faces(self, image):
+        image = as_rgb(image)
         small, scale = self._scaled(image)  # one downscale for detection and every descriptor
         return [(face, self._describe_scaled(small, face))
                 for face in self._detect_scaled(small, scale, image.shape[1], image.shape[0])]
