@@ -1,4 +1,5 @@
-"""The SQLite application database: migrations, pragmas, transactions, constraints."""
+"""The application database: migrations, transactions, constraints, on SQLite and on PostgreSQL
+(tests taking `app_db_url` run once per backend), and SQLite's pragmas and locking."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import select, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from cv_assets.store import database
@@ -42,6 +43,7 @@ def _head_revision() -> str:
 
 
 HEAD = _head_revision()
+PGVECTOR_ONLY = {"embedding_vector", "ix_event_embeddings_vector_hnsw"}
 ALL_TABLES = {
     "projects", "assets", "scene_manifests", "asset_appearances", "events", "event_embeddings",
     "embedding_failures", "recognized_entities", "entity_events",
@@ -73,6 +75,27 @@ def column_names(path: Path, table: str) -> list[str]:
         con.close()
 
 
+def db_tables(db: AppDatabase) -> set[str]:
+    return set(inspect(db.engine).get_table_names()) - {"alembic_version"}
+
+
+def db_columns(db: AppDatabase, table: str) -> list[str]:
+    return [column["name"] for column in inspect(db.engine).get_columns(table)]
+
+
+def db_indexes(db: AppDatabase) -> set[str]:
+    inspector = inspect(db.engine)
+    return {index["name"] for table in inspector.get_table_names() for index in inspector.get_indexes(table)}
+
+
+def db_schema(db: AppDatabase) -> list:
+    """Every table with its columns (name, type) and indexes, on either backend."""
+    inspector = inspect(db.engine)
+    return [(table, [(c["name"], str(c["type"])) for c in inspector.get_columns(table)],
+             sorted(i["name"] for i in inspector.get_indexes(table)))
+            for table in sorted(inspector.get_table_names())]
+
+
 def add_project_with_asset(db: AppDatabase, key: str = "demo") -> tuple[int, int]:
     with db.write() as session:
         project = Project(key=key, name="Demo", root_path="/p")
@@ -91,38 +114,61 @@ def add_event(session, event_id: str, *, embedded: bool = True) -> None:
 # --- migrations ---------------------------------------------------------------------
 
 
-def test_fresh_database_reaches_head_with_every_table(tmp_path):
-    path = tmp_path / "app.sqlite"
-    db = AppDatabase(url_for(path))
+def test_fresh_database_reaches_head_with_every_table(app_db_url):
+    db = AppDatabase(app_db_url)
     assert db.current_revision() == HEAD
-    assert table_names(path) == ALL_TABLES
-    assert "face_embedding" in column_names(path, "assets")
+    assert db_tables(db) == ALL_TABLES
+    assert "face_embedding" in db_columns(db, "assets")
     assert table_counts(db, sorted(ALL_TABLES)) == {t: 0 for t in sorted(ALL_TABLES)}
-    indexes = {name for kind, name, _, _ in schema_dump(path) if kind == "index"}
+    indexes = db_indexes(db)
     assert {"ix_event_embeddings_model_version", "ix_recognized_entities_model_version",
             "ix_events_started_at", "ix_asset_appearances_asset_id"} <= indexes
 
 
-def test_orm_models_match_the_head_schema(tmp_path):
-    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+def test_orm_models_match_the_head_schema(app_db_url):
+    db = AppDatabase(app_db_url)
+
+    def mirrored(obj, name, type_, reflected, compare_to):
+        # pgvector's column and index exist on PostgreSQL only; the models keep the JSON contract.
+        return name not in PGVECTOR_ONLY
+
     with db.engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "include_object": mirrored})
+        diffs = compare_metadata(context, Base.metadata)
     assert diffs == []
 
 
-def test_upgrade_from_revision_0001_keeps_rows_and_adds_the_new_schema(tmp_path):
-    path = tmp_path / "app.sqlite"
-    old = AppDatabase(url_for(path), migrate=False)
+def test_pgvector_column_index_and_trigger_follow_the_json_vectors(postgres_url):
+    db = AppDatabase(postgres_url)
+    assert "embedding_vector" in db_columns(db, "event_embeddings")
+    assert "ix_event_embeddings_vector_hnsw" in db_indexes(db)
+    with db.write() as session:
+        add_event(session, "evt-1")  # a 512-d JSON vector
+        add_event(session, "evt-2", embedded=False)
+        session.add(EventEmbedding(event_id="evt-2", embedding="[0.6, 0.8]", model_version="hist"))
+    with db.read() as session:
+        dims = dict(session.execute(text("SELECT event_id, vector_dims(embedding_vector) FROM event_embeddings")).all())
+    assert dims == {"evt-1": 512, "evt-2": None}  # another size keeps its JSON form only
+
+
+def test_sqlite_has_no_pgvector_column(tmp_path):
+    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+    assert "embedding_vector" not in db_columns(db, "event_embeddings")
+
+
+def test_upgrade_from_revision_0001_keeps_rows_and_adds_the_new_schema(app_db_url):
+    old = AppDatabase(app_db_url, migrate=False)
     old.upgrade("0001")
     assert old.current_revision() == "0001"
-    assert table_names(path) == TABLES_0001
-    assert "face_embedding" not in column_names(path, "assets")
+    assert db_tables(old) == TABLES_0001
+    assert "face_embedding" not in db_columns(old, "assets")
     with old.engine.begin() as conn:
         conn.execute(text("INSERT INTO projects (id, key, name, root_path, updated_at) "
                           "VALUES (1, 'demo', 'Demo', '/p', '2026-01-01 00:00:00')"))
         conn.execute(text("INSERT INTO assets (id, project_id, code, kind, name, reference_image_path, "
                           "clip_embedding, embedding_model_version) "
-                          "VALUES (7, 1, 'CHAR_01', 'character', 'Runner', 'r.png', x'00010203', 'clip-v1')"))
+                          "VALUES (7, 1, 'CHAR_01', 'character', 'Runner', 'r.png', :blob, 'clip-v1')"),
+                     {"blob": b"\x00\x01\x02\x03"})
         conn.execute(text("INSERT INTO scene_manifests (project_id, scene_index, clip_path, expected_asset_codes, "
                           "continuity_score) VALUES (1, 0, 'clips/s0.mp4', '[\"CHAR_01\"]', 7.5)"))
         conn.execute(text("INSERT INTO asset_appearances (asset_id, project_id, scene_index, frame_index, "
@@ -137,10 +183,10 @@ def test_upgrade_from_revision_0001_keeps_rows_and_adds_the_new_schema(tmp_path)
                           "'2026-11-01 08:15:00', '2026-11-01 08:20:00')"))
     old.dispose()
 
-    db = AppDatabase(url_for(path))  # migrates to head on construction
+    db = AppDatabase(app_db_url)  # migrates to head on construction
     assert db.current_revision() == HEAD
-    assert table_names(path) == ALL_TABLES
-    assert "face_embedding" in column_names(path, "assets")
+    assert db_tables(db) == ALL_TABLES
+    assert "face_embedding" in db_columns(db, "assets")
     assert table_counts(db, sorted(TABLES_0001)) == {
         "asset_appearances": 1, "assets": 1, "embedding_failures": 1, "event_embeddings": 1,
         "events": 1, "projects": 1, "scene_manifests": 1,
@@ -164,22 +210,21 @@ def test_upgrade_from_revision_0001_keeps_rows_and_adds_the_new_schema(tmp_path)
     assert table_counts(db, ["entity_events"]) == {"entity_events": 1}
 
 
-def test_running_the_upgrade_twice_changes_nothing(tmp_path, monkeypatch):
-    path = tmp_path / "app.sqlite"
-    db = AppDatabase(url_for(path))
+def test_running_the_upgrade_twice_changes_nothing(app_db_url, monkeypatch):
+    db = AppDatabase(app_db_url)
     with db.write() as session:
         add_event(session, "evt-1")
-    schema_before = schema_dump(path)
+    schema_before = db_schema(db)
     counts_before = table_counts(db, sorted(ALL_TABLES))
 
     calls = []
     real_upgrade = database.command.upgrade
     monkeypatch.setattr(database.command, "upgrade", lambda cfg, rev: (calls.append(rev), real_upgrade(cfg, rev)))
     database._migrated.clear()  # forget this process's cache so alembic really runs again
-    AppDatabase(url_for(path))
+    AppDatabase(app_db_url)
     db.upgrade()
     assert calls == ["head"]  # the second AppDatabase ran alembic, then the cache skipped it
-    assert schema_dump(path) == schema_before
+    assert db_schema(db) == schema_before
     assert table_counts(db, sorted(ALL_TABLES)) == counts_before
     assert db.current_revision() == HEAD
 
@@ -245,8 +290,8 @@ def test_wal_busy_timeout_and_foreign_keys_are_on(tmp_path):
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == database.BUSY_TIMEOUT_MS
 
 
-def test_deleting_an_event_cascades_to_its_embedding_and_visitor_link(tmp_path):
-    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+def test_deleting_an_event_cascades_to_its_embedding_and_visitor_link(app_db_url):
+    db = AppDatabase(app_db_url)
     with db.write() as session:
         add_event(session, "evt-1")
         add_event(session, "evt-2")
@@ -261,9 +306,9 @@ def test_deleting_an_event_cascades_to_its_embedding_and_visitor_link(tmp_path):
         assert session.scalars(select(EntityEvent.event_id)).all() == ["evt-2"]
 
 
-def test_embedding_for_a_missing_event_is_rejected(tmp_path):
-    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
-    with pytest.raises(IntegrityError, match="FOREIGN KEY"):
+def test_embedding_for_a_missing_event_is_rejected(app_db_url):
+    db = AppDatabase(app_db_url)
+    with pytest.raises(IntegrityError, match="FOREIGN KEY|foreign key"):
         with db.write() as session:
             session.add(EventEmbedding(event_id="ghost", embedding="[]", model_version="m1"))
     assert table_counts(db, ["event_embeddings"]) == {"event_embeddings": 0}
@@ -300,8 +345,8 @@ def test_read_does_not_take_the_write_lock(tmp_path):
     assert table_counts(db, ["events"]) == {"events": 1}
 
 
-def test_write_commits_on_success_and_rolls_back_on_error(tmp_path):
-    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+def test_write_commits_on_success_and_rolls_back_on_error(app_db_url):
+    db = AppDatabase(app_db_url)
     with db.write() as session:
         add_event(session, "kept", embedded=False)
     with pytest.raises(RuntimeError, match="boom"):
@@ -313,8 +358,8 @@ def test_write_commits_on_success_and_rolls_back_on_error(tmp_path):
         assert session.scalars(select(Event.id)).all() == ["kept"]
 
 
-def test_appearance_source_check_rejects_other(tmp_path):
-    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+def test_appearance_source_check_rejects_other(app_db_url):
+    db = AppDatabase(app_db_url)
     project_id, asset_id = add_project_with_asset(db)
 
     def appearance(source: str) -> AssetAppearance:
@@ -330,12 +375,12 @@ def test_appearance_source_check_rejects_other(tmp_path):
         assert sorted(session.scalars(select(AssetAppearance.source))) == ["clip_match", "face_match", "yolo"]
 
 
-def test_embedding_failure_is_unique_per_item_and_model(tmp_path):
-    db = AppDatabase(url_for(tmp_path / "app.sqlite"))
+def test_embedding_failure_is_unique_per_item_and_model(app_db_url):
+    db = AppDatabase(app_db_url)
     with db.write() as session:
         session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m1", reason="bad"))
         session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m2", reason="bad"))
-    with pytest.raises(IntegrityError, match="UNIQUE"):
+    with pytest.raises(IntegrityError, match="UNIQUE|unique"):
         with db.write() as session:
             session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m1", reason="again"))
     assert table_counts(db, ["embedding_failures"]) == {"embedding_failures": 2}
