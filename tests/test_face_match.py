@@ -5,6 +5,8 @@ backend choice (auto / dlib / yunet) with availability injected, not uninstalled
 
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -249,3 +251,74 @@ def test_face_backend_setting_is_validated():
     assert AppearanceSettings().face_backend == "auto"
     with pytest.raises(ValidationError):
         AppearanceSettings(face_backend="opencv")
+
+
+@pytest.mark.slow
+def test_face_match_through_the_chain_on_a_clip(tmp_path, scene, references):
+    """The composed frames as a real clip (each layout held 2 s) in a project whose assets are
+    the two portraits and a prop: asset_appearances finds each face with face_match and the
+    metadata names the backend."""
+    import av
+    import yaml
+    from dagster import DagsterInstance
+
+    from sqlalchemy import select
+
+    from cv_assets.definitions import build_definitions
+    from cv_assets.settings import load_settings
+    from cv_assets.store import AppDatabase
+    from cv_assets.store.models import Asset, AssetAppearance
+    from video_fixtures import materialization
+
+    frames, truth = scene
+    root = tmp_path / "projects" / "faces"
+    (root / "refs").mkdir(parents=True)
+    fps, hold = 5, 2
+    with av.open(str(root / "scene1.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt, stream.bit_rate = W, H, "yuv420p", 4_000_000
+        for frame in frames:
+            for _ in range(fps * hold):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame.image, format="rgb24")))
+        container.mux(stream.encode())
+    assets = []
+    for code, image in references.values():
+        cv2.imwrite(str(root / "refs" / f"{code}.jpg"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        assets.append({"code": code, "kind": "prop" if code == "COFFEE" else "character", "name": code.title(),
+                       "reference_image": f"refs/{code}.jpg"})
+    (root / "project.yaml").write_text(yaml.safe_dump({"project": "faces", "assets": assets, "scenes": [
+        {"index": 1, "clip": "scene1.mp4", "expected_assets": ["ASTRONAUT", "HOPPER"]}]}, sort_keys=False))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "storage": {"sqlite_url": f"sqlite:///{tmp_path / 'app.sqlite'}", "duckdb_path": str(tmp_path / "wh.duckdb"),
+                    "frames_dir": str(tmp_path / "frames"), "reports_dir": str(tmp_path / "reports"),
+                    "projects_root": str(tmp_path / "projects"), "thumbnails_root": str(tmp_path / "thumbnails")},
+        "embedder": {"model": str(tmp_path / "no-model"), "fallback": "color_histogram", "device": "cpu"},
+        "appearances": {"face_backend": "dlib"},
+    }))
+    settings = load_settings(config, env={})
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("projects", ["faces"])
+    result = build_definitions(settings).resolve_job_def("project_reprocess_job").execute_in_process(
+        partition_key="faces", instance=instance, raise_on_error=False)
+    assert result.success
+    described = materialization(result, "asset_appearances").metadata["source_face_match"].value
+    assert described.startswith("enabled, ") and "backend dlib" in described
+    assert "2 of 3 reference image(s) with a face" in described
+
+    with AppDatabase(settings.storage.sqlite_url).read() as session:
+        rows = session.scalars(select(AssetAppearance).where(AssetAppearance.source == "face_match")).all()
+        codes = {a.id: a.code for a in session.scalars(select(Asset))}
+        found = [(codes[r.asset_id], r.timestamp_sec, tuple(json.loads(r.bbox)), r.confidence) for r in rows]
+    layouts_seen = set()
+    for code, t, box, confidence in found:
+        layout = min(int(t // hold), len(LAYOUT) - 1)
+        layouts_seen.add(layout)
+        assert code in {c for c, *_ in LAYOUT[layout]}, (code, t)
+        assert iou(box, truth[(layout, code)]) >= 0.5 and 0.5 <= confidence <= 1.0
+    # sampled at 0, 2, 4 and 6 s at least: every layout with a face is seen, each of its faces found
+    assert layouts_seen >= {0, 1, 2, 3}
+    for layout in (0, 1, 2, 3):
+        times = {t for _, t, _, _ in found if int(t // hold) == layout}
+        for t in times:
+            assert sorted(c for c, tt, *_ in found if tt == t) == sorted(c for c, *_ in LAYOUT[layout])
