@@ -263,3 +263,31 @@ def test_colour_histogram_fallback_runs_the_assets(world, settings_factory, tmp_
                                                                                  "color_histogram-v1", 2)
     assert set(world.frame_rows().model_version) == {"color_histogram-v1"}
     assert all(_checks(result).values())
+
+
+def test_a_rerun_with_nothing_changed_does_not_load_the_model(settings_factory, tmp_path, monkeypatch):
+    """Every input current for the model version an earlier run recorded: the assets finish
+    without creating the embedder (no torch import, no weights), and say so."""
+    from cv_assets.defs.resources import EmbedderResource
+
+    settings, config_path = settings_factory()
+    world = World(settings, config_path, tmp_path)
+    for code in ("BAD_01", "GONE_01"):  # only readable inputs: nothing is left to retry
+        world.refs[code].unlink(missing_ok=True)
+    with world.db.write() as session:
+        session.query(Asset).filter(Asset.code.in_(["BAD_01", "GONE_01"])).delete()
+    rows = world.warehouse.query("SELECT * FROM sampled_frames WHERE NOT (scene_index = 1 AND frame_index = 40)")
+    world.warehouse.replace_partition("sampled_frames", PROJECT, rows)
+    world.run()
+    version = world.assets()["CHAR_01"].embedding_model_version
+
+    def no_model(self):
+        raise AssertionError("the embedder was created although nothing changed")
+
+    monkeypatch.setattr(EmbedderResource, "get", no_model)
+    again = world.run()
+    for asset_def, expected in ((reference_embeddings, 2), (frame_embeddings, 3)):
+        meta = _metadata(again, asset_def)
+        assert (meta["embedded"], meta["skipped_unchanged"], meta["model_version"]) == (0, expected, version)
+        assert meta["embedder_family"] == "not loaded: nothing changed"
+    assert all(_checks(again).values())

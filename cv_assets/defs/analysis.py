@@ -4,6 +4,7 @@ cv_assets/analysis, the rows are written by cv_assets/store)."""
 import json
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from dagster import (
@@ -17,9 +18,25 @@ from dagster import (
 from cv_assets.analysis.appearances import FrameInput, ReferenceAsset
 from cv_assets.analysis.continuity import SceneContinuity, SceneInput, score_scenes
 from cv_assets.analysis.ground_truth import GroundTruthError, quality_against_truth
-from cv_assets.analysis.report import ReportFrame, render_report, write_report
+from cv_assets.analysis.report import (
+    ReportFrame,
+    asset_colours,
+    contact_sheet,
+    jpeg_data_uri,
+    render_report,
+    timeline_image,
+    write_report,
+)
 from cv_assets.analysis.sources import build_sources, find_appearances
-from cv_assets.defs.common import PREVIEW_ROWS, bad_input, markdown_table, partitioned_check, project_asset
+from cv_assets.defs.common import (
+    PREVIEW_ROWS,
+    bad_input,
+    embedder_label,
+    markdown_table,
+    note_embedder,
+    partitioned_check,
+    project_asset,
+)
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource, WarehouseResource
 from cv_assets.embedding.images import ImageError, load_image
@@ -27,7 +44,8 @@ from cv_assets.store.appearances import load_appearances, replace_appearances, r
 from cv_assets.store.continuity import load_continuity, save_continuity
 from cv_assets.store.embeddings import frame_vectors
 from cv_assets.store.frames import clip_rows, frame_image, sampled_frame_rows
-from cv_assets.store.projects import ProjectRows, asset_vector
+from cv_assets.events.backfill import embedder_fingerprint
+from cv_assets.store.projects import ProjectRows, asset_vector, record_processed
 
 
 def _frame_inputs(store, project: str) -> tuple[list[FrameInput], list[str]]:
@@ -86,6 +104,7 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
     cfg = settings.load()
     project = project_or_fail(app_db, context.partition_key)
     model = embedder.get()
+    note_embedder(context, model.model_version)
     references = [ReferenceAsset(a.id, a.code, asset_vector(a)) for a in project.assets
                   if a.embedding_model_version == model.model_version and a.clip_embedding is not None]
     unembedded = sorted(a.code for a in project.assets if a.embedding_model_version != model.model_version)
@@ -105,7 +124,7 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
         "appearances": len(found),
         "frames_matched": len(frames),
         "assets_matched": len(references),
-        "embedder": f"{model.family} ({model.model_version})",
+        "embedder": embedder_label(model.model_version),
         "match_seconds": round(match_seconds, 2),
         "regions_embedded": regions,
         "regions_per_sec": round(regions / match_seconds, 1) if match_seconds > 0 else 0.0,
@@ -137,7 +156,7 @@ def appearances_are_well_formed(
     sizes = {(int(r.scene_index), int(r.frame_index)): (int(r.width), int(r.height))
              for r in sampled_frame_rows(store, key).itertuples()}
     bad = []
-    for app in load_appearances(app_db.get(), store, key, project.project_id, embedder.get().model_version):
+    for app in load_appearances(app_db.get(), store, key, project.project_id, embedder.model_version(app_db.get())):
         x1, y1, x2, y2 = app.bbox
         w, h = sizes.get((app.scene_index, app.frame_index), (None, None))
         if not (0 <= app.confidence <= 1.0 + 1e-6) or x1 >= x2 or y1 >= y2 or x1 < 0 or y1 < 0 or (w and (x2 > w or y2 > h)):
@@ -161,7 +180,7 @@ def scene_continuity_scores(context: AssetExecutionContext, settings: SettingsRe
     Stored in scene_manifests (SQLite) and appended to DuckDB `continuity_history`."""
     cfg = settings.load()
     project = project_or_fail(app_db, context.partition_key)
-    model_version = embedder.get().model_version
+    model_version = embedder.model_version(app_db.get())
     store = warehouse.get()
     appearances = load_appearances(app_db.get(), store, project.key, project.project_id, model_version)
     clips = {int(c.scene_index): c for c in clip_rows(store, project.key).itertuples()}
@@ -220,10 +239,13 @@ def project_report(context: AssetExecutionContext, settings: SettingsResource,
                    app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """The project's HTML report (`reports_dir/<project>.html`): per scene a contact sheet
     of the sampled frames with appearance boxes and labels, the continuity score with its
-    components and reasons, and a timeline of which asset appears in which scene."""
+    components and reasons, and a timeline of which asset appears in which scene. Its
+    metadata shows the timeline and each scene's contact sheet inline, and links the report
+    as served by `make ui` (`storage.reports_base_url`). Finishing it records the project's
+    manifest hash and embedder as processed, so project_sensor does not launch them again."""
     cfg = settings.load()
     project = project_or_fail(app_db, context.partition_key)
-    model_version = embedder.get().model_version
+    model_version = embedder.model_version(app_db.get())
     store = warehouse.get()
     appearances = load_appearances(app_db.get(), store, project.key, project.project_id, model_version)
     frames = [ReportFrame(int(r.scene_index), int(r.frame_index), float(r.timestamp_sec), list(r.reasons), frame_image(r))
@@ -238,14 +260,35 @@ def project_report(context: AssetExecutionContext, settings: SettingsResource,
         [[c.scene_index, "—" if c.score is None else f"{c.score:.1f}", ", ".join(c.found) or "—", ", ".join(c.missing) or "—",
           "yes" if c.needs_review else ""] for c in continuity],
     )
+    since = record_processed(app_db.get(), project.key, embedder_fingerprint(cfg.embedder), context.run_id)
+    colours = asset_colours(codes)
     return MaterializeResult(
         metadata={
-            "report": MetadataValue.url(path.as_uri()),
+            "report": MetadataValue.url(f"{cfg.storage.reports_base_url.rstrip('/')}/{quote(path.name)}"),
             "report_path": MetadataValue.path(str(path)),
             "size_kb": round(path.stat().st_size / 1024, 1),
             "summary": MetadataValue.md(summary),
+            "timeline": MetadataValue.md(_picture(
+                "timeline", timeline_image(appearances, continuity, codes, colours),
+                "Asset colours as in the boxes; clip row: a red cut is not announced by the manifest.")),
+            **{f"scene_{c.scene_index}_contact_sheet": MetadataValue.md(_picture(
+                f"scene {c.scene_index}", contact_sheet([f for f in frames if f.scene_index == c.scene_index],
+                                                         appearances, colours)))
+               for c in continuity},
+            "processed_since_run": since or context.run_id,
         }
     )
+
+
+def _picture(title: str, image, caption: str = "") -> str:
+    """A markdown image from a small JPEG data URI (the UI shows it inline, no file access)."""
+    return f"![{title}]({jpeg_data_uri(image, METADATA_PICTURE_WIDTH, METADATA_JPEG_QUALITY)})" + (
+        f"\n\n{caption}" if caption else "")
+
+
+# Inline pictures in project_report's metadata: small enough for the event log (~30 KB each).
+METADATA_PICTURE_WIDTH = 720
+METADATA_JPEG_QUALITY = 70
 
 
 ANALYSIS_ASSETS = [asset_appearances, scene_continuity_scores, project_report]

@@ -12,11 +12,28 @@ from dagster import (
     MetadataValue,
 )
 
-from cv_assets.defs.common import PREVIEW_ROWS, bad_input, markdown_table, partitioned_check, project_asset
+from cv_assets.defs.common import (
+    PREVIEW_ROWS,
+    bad_input,
+    embedder_label,
+    markdown_table,
+    note_embedder,
+    partitioned_check,
+    project_asset,
+)
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, WarehouseResource
 from cv_assets.embedding import ModelUnavailableError
-from cv_assets.embedding.refresh import EmbedInput, RefreshReport, StoredVector, check_vectors, read_reference_image, refresh_embeddings
+from cv_assets.embedding.refresh import (
+    EmbedInput,
+    RefreshReport,
+    StoredVector,
+    check_vectors,
+    read_reference_image,
+    refresh_embeddings,
+    unchanged_report,
+)
+from cv_assets.events.backfill import known_embedder_version, remember_embedder_version
 from cv_assets.store.embeddings import (
     all_frame_vectors,
     asset_item_id,
@@ -27,10 +44,23 @@ from cv_assets.store.embeddings import (
     stored_reference_vectors,
 )
 from cv_assets.store.frames import sampled_frame_rows
+from cv_assets.store.projects import processed_projects
 
 
-def _metadata(report: RefreshReport, item_name: str) -> dict:
+def _metadata(report: RefreshReport, item_name: str, unchanged_since: str | None) -> dict:
+    preview = (MetadataValue.md(markdown_table([item_name, "status"], report.preview, limit=PREVIEW_ROWS))
+               if report.preview else "nothing to embed")
+    if report.total and not report.embedded and not report.failed:  # a no-op: say so, not zeros
+        return {
+            "status": f"unchanged since run {unchanged_since[:8]}" if unchanged_since else "unchanged",
+            "kept": report.skipped,
+            "total": report.total,
+            "embedder": embedder_label(report.model_version),
+            "model_version": report.model_version,
+            "preview": preview,
+        }
     return {
+        "status": f"{report.embedded} embedded, {report.skipped} unchanged, {report.failed} failed",
         "embedded": report.embedded,
         "skipped_unchanged": report.skipped,
         "failed": report.failed,
@@ -38,14 +68,20 @@ def _metadata(report: RefreshReport, item_name: str) -> dict:
         "images_per_sec": round(report.images_per_sec, 2),
         "ms_per_image": round(report.ms_per_image, 2),
         "embed_seconds": round(report.embed_seconds, 3),
+        "embedder": embedder_label(report.model_version),
         "model_version": report.model_version,
         "device": report.device,
         "embedder_family": report.family,
         "failures": MetadataValue.md(markdown_table(["item", "reason"], report.failures.items(), limit=PREVIEW_ROWS))
         if report.failures else "none",
-        "preview": MetadataValue.md(markdown_table([item_name, "status"], report.preview, limit=PREVIEW_ROWS))
-        if report.preview else "nothing to embed",
+        "preview": preview,
     }
+
+
+def _finish(context: AssetExecutionContext, app_db: AppDatabaseResource, report: RefreshReport, item_name: str) -> MaterializeResult:
+    note_embedder(context, report.model_version)
+    done = processed_projects(app_db.get()).get(context.partition_key)
+    return MaterializeResult(metadata=_metadata(report, item_name, done.run_id if done else None))
 
 
 def _model_or_fail(embedder: EmbedderResource):
@@ -57,48 +93,60 @@ def _model_or_fail(embedder: EmbedderResource):
     return model
 
 
-@project_asset(deps=["project_manifest"], group_name="embeddings", kinds={"pytorch", "sqlite"})
+def _refresh(inputs, stored, embedder: EmbedderResource, app_db: AppDatabaseResource) -> RefreshReport:
+    """Embed what changed. When the configured embedder's model_version is already known
+    (recorded by an earlier run) and nothing changed, the model is not even loaded."""
+    known = known_embedder_version(app_db.get(), embedder.settings())
+    report = unchanged_report(inputs, stored, known) if known else None
+    if report is None:
+        report = refresh_embeddings(inputs, stored, _model_or_fail(embedder))
+        remember_embedder_version(app_db.get(), embedder.settings(), report.model_version)
+    return report
+
+
+@project_asset(deps=["project_manifest"], group_name="embeddings", kinds={"python", "sqlite"})
 def reference_embeddings(
     context: AssetExecutionContext, app_db: AppDatabaseResource, embedder: EmbedderResource
 ) -> MaterializeResult:
-    """A 512-d unit vector for every reference asset image of the project, written to SQLite
+    """A 512-d unit vector from the configured embedder (CLIP; the colour-histogram fallback
+    only where config allows it and CLIP is unavailable: metadata `embedder` and the run's
+    `cv_assets/embedder` tag say which) for every reference asset image of the project, written to SQLite
     `assets.clip_embedding` (float32 bytes) with `embedding_model_version` and the image's
     sha256. Images whose bytes and model are unchanged are skipped; a bad image is recorded
     in `embedding_failures` (item `<project>/<code>`) and never stops the other assets."""
     project = project_or_fail(app_db, context.partition_key)
-    model = _model_or_fail(embedder)
     inputs = [read_reference_image(asset_item_id(project.key, a.code), Path(project.root_path) / a.reference_image_path) for a in project.assets]
     stored = {item: StoredVector(*values) for item, values in stored_reference_vectors(project.assets, project.key).items()}
-    report = refresh_embeddings(inputs, stored, model)
+    report = _refresh(inputs, stored, embedder, app_db)
     save_reference_vectors(app_db.get(), project.key, project.assets, report.model_version, report.vectors, report.failures)
     for item, reason in report.failures.items():
         context.log.warning(f"reference image of {item} not embedded: {reason}")
-    return MaterializeResult(metadata=_metadata(report, "asset"))
+    return _finish(context, app_db, report, "asset")
 
 
-@project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"pytorch", "duckdb"})
+@project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"python", "duckdb"})
 def frame_embeddings(context: AssetExecutionContext, app_db: AppDatabaseResource,
                      warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
-    """A 512-d unit vector for every sampled frame of the project, in DuckDB
+    """A 512-d unit vector from the configured embedder (CLIP, or the colour-histogram
+    fallback: metadata `embedder` says which) for every sampled frame of the project, in DuckDB
     `frame_embeddings` (FLOAT[512], model_version, the frame's content hash), computed from
     the lossless frame files `sampled_frames` stored (the same pixels in any process).
     Frames whose pixels and model are unchanged keep their vectors; the project's rows are
     replaced in one transaction. A frame that cannot be read is recorded in
     `embedding_failures` (item `<project>/<scene>/<frame>`) and never stops the others."""
     key = context.partition_key
-    model = _model_or_fail(embedder)
     store = warehouse.get()
     frames = sampled_frame_rows(store, key)
     inputs = [_frame_input(key, row) for row in frames.itertuples(index=False)]
     stored_rows = stored_frame_vectors(store, key)
     stored = {frame_item_id(key, r.scene_index, r.frame_index): StoredVector(r.content_hash, r.model_version, np.asarray(r.embedding, np.float32))
               for r in stored_rows.itertuples(index=False)}
-    report = refresh_embeddings(inputs, stored, model)
+    report = _refresh(inputs, stored, embedder, app_db)
     save_frame_vectors(store, app_db.get(), key, report.model_version, stored_rows, report.kept, report.vectors,
                        report.failures, [i.item_id for i in inputs])
     for item, reason in report.failures.items():
         context.log.warning(f"frame {item} not embedded: {reason}")
-    return MaterializeResult(metadata=_metadata(report, "frame"))
+    return _finish(context, app_db, report, "frame")
 
 
 def _frame_input(project: str, row) -> EmbedInput:

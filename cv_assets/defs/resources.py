@@ -81,6 +81,14 @@ class EmbedderResource(ConfigurableResource):
 
         return get_embedder(self.settings())
 
+    def model_version(self, db: AppDatabase) -> str:
+        """The configured embedder's model_version. A step that only reads stored vectors
+        takes it from the record an earlier run of this configuration left, without loading
+        the model; the model loads only when there is no record."""
+        from cv_assets.events.backfill import known_embedder_version
+
+        return known_embedder_version(db, self.settings()) or self.get().model_version
+
 
 def build_resources(settings: Settings) -> dict:
     """All resources for one configuration; tests call this with their own settings."""

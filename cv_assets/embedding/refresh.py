@@ -106,6 +106,17 @@ def is_current(stored: StoredVector | None, digest: str | None, model_version: s
     )
 
 
+def unchanged_report(inputs: Sequence[EmbedInput], stored: Mapping[str, StoredVector], model_version: str) -> RefreshReport | None:
+    """The report of a refresh with nothing to do (every input readable and current for
+    `model_version`), made without the model; None when anything must be embedded."""
+    if any(item.error is not None or not is_current(stored.get(item.item_id), item.digest, model_version)
+           for item in inputs):
+        return None
+    return RefreshReport(model_version=model_version, family="not loaded: nothing changed", device="none",
+                         total=len(inputs), kept=[item.item_id for item in inputs],
+                         preview=[[item.label, "skipped (unchanged)"] for item in inputs])
+
+
 def refresh_embeddings(inputs: Sequence[EmbedInput], stored: Mapping[str, StoredVector], embedder: Embedder) -> RefreshReport:
     """Embed every input whose content or model changed; keep the rest."""
     # model_version loads the model: a missing model fails here, before anything is written.

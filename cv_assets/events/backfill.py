@@ -34,6 +34,7 @@ from cv_assets.store.database import AppDatabase
 from cv_assets.store.events import (
     MODES,
     PendingEvent,
+    claim_pending_events,
     count_embedded,
     count_events,
     count_given_up,
@@ -172,10 +173,14 @@ def embed_next_batch(
     batch_size: int | None = None,
     after: tuple[datetime, str] | None = None,
 ) -> BatchResult:
-    """Embed the next batch of events and store vectors and failures in one short write."""
+    """Embed the next batch of events and store vectors and failures in one short write.
+    On PostgreSQL, `missing` mode claims the batch (see `claim_next_batch`), so any number
+    of workers may run this at once."""
     check_mode(mode)
     size = resolve_batch_size(batch_size, limits.max_batch)
     model_version = embedder.model_version
+    if mode == "missing" and after is None and db.supports_skip_locked:
+        return claim_next_batch(db, embedder, limits, size)
     with db.read() as session:
         pending = select_pending_events(
             session, model_version, mode=mode, limit=size, max_attempts=limits.max_attempts, after=after
@@ -193,6 +198,30 @@ def embed_next_batch(
         for e in pending
     ]
     return BatchResult(model_version, mode, outcomes, embed_seconds, pending[-1].key if pending else None)
+
+
+def claim_next_batch(db: AppDatabase, embedder, limits: BackfillLimits, size: int) -> BatchResult:
+    """One batch of a concurrent backfill (PostgreSQL): the events are locked (`SKIP
+    LOCKED`) for the whole transaction, embedded, and their vectors and failures stored in
+    the same transaction, so two workers never take the same event and each event is
+    embedded once. A worker killed mid-batch stores nothing; the server releases its rows
+    and another worker claims them. Only the final store waits for other writers."""
+    model_version = embedder.model_version
+    with db.claim() as session:
+        pending = claim_pending_events(session, model_version, limit=size, max_attempts=limits.max_attempts)
+        started = time.perf_counter()
+        vectors, failures = embed_thumbnails(pending, embedder, limits)
+        embed_seconds = time.perf_counter() - started
+        db.lock_writes(session)
+        write_event_embeddings(session, model_version, vectors)
+        attempts = record_event_failures(session, model_version, failures)
+    outcomes = [
+        EventOutcome(e.id, e.camera_id, e.started_at, "embedded")
+        if e.id in vectors
+        else EventOutcome(e.id, e.camera_id, e.started_at, "failed", failures.get(e.id), attempts.get(e.id))
+        for e in pending
+    ]
+    return BatchResult(model_version, "missing", outcomes, embed_seconds, pending[-1].key if pending else None)
 
 
 # ---------------------------------------------------------------- a whole backfill
@@ -432,7 +461,21 @@ def embedder_fingerprint(settings) -> str:
                 info = path.stat()
                 files.append([path.name, info.st_size, info.st_mtime_ns])
         parts["files"] = files
+    else:
+        # A hub id: the snapshots in the local cache (weights downloaded or removed since
+        # change the fingerprint, so a fallback's version is never taken for CLIP's).
+        parts["snapshots"] = _hub_snapshots(settings)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hub_snapshots(settings) -> list:
+    hub = Path(settings.cache_dir) if settings.cache_dir else Path(
+        os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snapshots = hub / f"models--{settings.model.replace('/', '--')}" / "snapshots"
+    try:
+        return sorted([entry.name, entry.stat().st_mtime_ns] for entry in snapshots.iterdir())
+    except OSError:
+        return []
 
 
 def remember_embedder_version(db: AppDatabase, embedder_settings, model_version: str) -> None:
