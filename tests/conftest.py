@@ -105,7 +105,10 @@ def settings_factory(tmp_path, tiny_clip_dir):
                 "projects_root": str(tmp_path / "projects"),
                 "thumbnails_root": str(tmp_path / "thumbnails"),
             },
-            "embedder": {"model": str(tiny_clip_dir), "fallback": "none", "device": "cpu"},
+            # torch: the behaviour under test is the embedder's, not a backend's (the OpenVINO
+            # path, converted and cached per checkpoint, has its own tests).
+            "embedder": {"model": str(tiny_clip_dir), "fallback": "none", "device": "cpu", "backend": "torch",
+                         "compiled_cache_dir": str(tmp_path / "openvino")},
         }
         config = _deep_merge(base, overrides)
         config_path = tmp_path / "config.yaml"
