@@ -22,6 +22,7 @@ from test_events_support import (
     png_bytes,
 )
 
+from cv_assets.store import AppDatabase
 from cv_assets.events.backfill import (
     BackfillLimits,
     BatchSizeError,
@@ -37,8 +38,9 @@ from cv_assets.store.vectors import vector_from_json
 
 
 @pytest.fixture
-def db(tmp_path):
-    return new_db(tmp_path)
+def db(app_db_url):
+    """Each test runs on SQLite and on PostgreSQL."""
+    return AppDatabase(app_db_url)
 
 
 def limits(tmp_path, **overrides):

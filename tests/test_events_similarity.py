@@ -18,6 +18,7 @@ from test_events_support import (
     jpeg_bytes,
 )
 
+from cv_assets.store import AppDatabase
 from cv_assets.events.backfill import BackfillLimits, EventNotFoundError, run_event_backfill
 from cv_assets.events import search as similarity
 from cv_assets.events.search import (
@@ -36,8 +37,14 @@ from cv_assets.store.vectors import vector_from_json
 
 
 @pytest.fixture
-def db(tmp_path):
+def file_db(tmp_path):
     return new_db(tmp_path)
+
+
+@pytest.fixture
+def db(app_db_url):
+    """Each test runs on SQLite and on PostgreSQL."""
+    return AppDatabase(app_db_url)
 
 
 @pytest.fixture(autouse=True)
@@ -230,7 +237,8 @@ def test_deleted_events_vanish_from_results_at_once_and_from_the_index_at_the_ne
     assert similar_events(db, "evt-0000", min_similarity=-1).searched == 3
 
 
-def test_snapshot_lets_the_next_process_skip_json_parsing(db, tmp_path, monkeypatch):
+def test_snapshot_lets_the_next_process_skip_json_parsing(file_db, tmp_path, monkeypatch):
+    db = file_db  # the snapshot lives beside an SQLite file
     monkeypatch.setattr(similarity, "SNAPSHOT_MIN_NEW_ROWS", 1)
     colour_events(db, ["red", "red", "blue", "green"])
     backfill(db, tmp_path)
@@ -255,7 +263,8 @@ def test_snapshot_lets_the_next_process_skip_json_parsing(db, tmp_path, monkeypa
     assert sorted(ids(result)) == ["evt-0001", "new-0000"]
 
 
-def test_a_damaged_snapshot_is_ignored(db, tmp_path, monkeypatch):
+def test_a_damaged_snapshot_is_ignored(file_db, tmp_path, monkeypatch):
+    db = file_db  # the snapshot lives beside an SQLite file
     colour_events(db, ["red", "red"])
     backfill(db, tmp_path)
     snapshot = similarity.snapshot_path(db, "mean-colour-v1")

@@ -95,6 +95,34 @@ def select_pending_events(
     return [PendingEvent(*row) for row in session.execute(query)]
 
 
+def claim_pending_events(
+    session: Session, model_version: str, *, limit: int, max_attempts: int
+) -> list[PendingEvent]:
+    """`missing` mode's next events, locked for this transaction so concurrent workers get
+    disjoint batches (PostgreSQL `FOR NO KEY UPDATE SKIP LOCKED`: rows another worker holds
+    are passed over, not waited for; new events and their foreign keys are never blocked).
+    Hold the transaction (`db.claim()`) until the batch's vectors are stored in it: a worker
+    that dies releases its rows with its connection, and the next worker takes them.
+
+    The lock is taken after the statement's snapshot, so an event another worker stored and
+    released in between is checked again by a second statement, which sees that commit."""
+    query = (
+        select(EVENTS.c.id, EVENTS.c.camera_id, EVENTS.c.started_at, EVENTS.c.thumbnail_base64,
+               EVENTS.c.thumbnail_path)
+        .where(_missing_condition(model_version, max_attempts))
+        .order_by(EVENTS.c.started_at, EVENTS.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True, key_share=True, of=EVENTS)
+    )
+    claimed = [PendingEvent(*row) for row in session.execute(query)]
+    if not claimed:
+        return []
+    still_missing = set(session.execute(
+        select(EVENTS.c.id).where(EVENTS.c.id.in_([e.id for e in claimed]), _missing_condition(model_version, max_attempts))
+    ).scalars())
+    return [event for event in claimed if event.id in still_missing]
+
+
 def count_events(session: Session) -> int:
     return session.execute(select(func.count()).select_from(EVENTS)).scalar_one()
 
