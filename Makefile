@@ -6,7 +6,7 @@ DEMO_DIR := data
 DEMO_STAMP := $(DEMO_DIR)/.demo-ready
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: setup run test ui demo-data bench clean
+.PHONY: setup run test ui instance demo-data bench clean
 
 setup: $(STAMP)
 
@@ -24,16 +24,25 @@ $(DEMO_STAMP): $(STAMP)
 
 demo-data: $(DEMO_STAMP)
 
-run: $(DEMO_STAMP)
+# The project's instance config (dagster.yaml) in DAGSTER_HOME, for `make run` and `make ui` alike
+# (no telemetry, concurrency limits, run monitoring). An edited dagster.yaml is copied again.
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
+
+instance: $(DAGSTER_HOME)/dagster.yaml
+
+run: $(DEMO_STAMP) instance
 	$(PY) -m cv_assets.cli run-demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-ui: $(DEMO_STAMP)
-	mkdir -p $(DAGSTER_HOME)
-	cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml 2>/dev/null || true
-	$(VENV)/bin/dagster dev
+# The Dagster UI (`dg dev`, webserver + daemon) and, beside it, the HTML reports over http at
+# storage.reports_base_url (browsers refuse file:// links from the UI); both stop together.
+ui: $(DEMO_STAMP) instance
+	$(PY) -m cv_assets.cli serve-reports & reports=$$!; trap 'kill $$reports 2>/dev/null' EXIT INT TERM; \
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/dg dev
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done

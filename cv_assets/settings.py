@@ -76,6 +76,9 @@ class StorageSettings(_Section):
     ducklake_data_path: str = "data/ducklake"
     frames_dir: Path = Path("data/frames")
     reports_dir: Path = Path("data/reports")
+    # Where `make ui` serves reports_dir over http (`cv-assets serve-reports`): project_report's
+    # `report` link is <reports_base_url>/<project>.html, clickable from the Dagster UI.
+    reports_base_url: str = "http://127.0.0.1:3001"
     projects_root: Path = Path("data/projects")
     thumbnails_root: Path = Path("data/thumbnails")
 

@@ -3,6 +3,7 @@
     cv-assets demo-data [DIR]          write the demo project and security events
     cv-assets run-demo                 register, materialise everything, print a summary
     cv-assets projects list|validate   what the project sensor would see
+    cv-assets serve-reports            serve the HTML reports over http (make ui starts it)
     cv-assets db upgrade               apply database migrations
     cv-assets events ...               event status, similar, search, import, backfill
 """
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     projects.add_argument("--json", action="store_true", help="machine-readable output")
     projects.set_defaults(handler=_projects)
 
+    serve = sub.add_parser("serve-reports", help="serve storage.reports_dir over http at storage.reports_base_url "
+                                                 "(started by `make ui` beside the Dagster UI)")
+    serve.set_defaults(handler=_serve_reports)
+
     db = sub.add_parser("db", help="application database maintenance")
     db.add_argument("action", choices=["upgrade", "current"])
     db.add_argument("--revision", default="head", help="target revision (default: head)")
@@ -73,6 +78,25 @@ def _setup_errors() -> tuple[type[BaseException], ...]:
     from cv_assets.store.warehouse import WarehouseError
 
     return DatabaseUnavailableError, WarehouseError
+
+
+def _serve_reports(args) -> int:
+    from cv_assets.cli.serve_reports import start_report_server
+
+    storage = load_settings().storage
+    try:
+        server = start_report_server(storage.reports_dir, storage.reports_base_url)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot serve reports at {storage.reports_base_url}: {printable(exc)}", file=sys.stderr)
+        return 1
+    print(f"serving {storage.reports_dir} at {storage.reports_base_url.rstrip('/')}/", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.shutdown()
 
 
 def _fail(exc: BaseException, status: int) -> int:

@@ -42,7 +42,15 @@ from dagster import (
 )
 from pydantic import Field
 
-from cv_assets.defs.common import PREVIEW_ROWS, STORE_RETRY, bad_input, stop_on_termination
+from cv_assets.defs.common import (
+    PREVIEW_ROWS,
+    STORE_RETRY,
+    bad_input,
+    embedder_label,
+    note_embedder,
+    stop_on_termination,
+    timed,
+)
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
 from cv_assets.events.backfill import (
     MODES,
@@ -77,6 +85,7 @@ class RecurringVisitorsConfig(Config):
 
 def _embedding_metadata(report: BackfillReport, fingerprint: str) -> dict:
     return {
+        "embedder": embedder_label(report.model_version),
         "model_version": report.model_version,
         "embedder_fingerprint": fingerprint,
         "mode": report.mode,
@@ -93,7 +102,8 @@ def _embedding_metadata(report: BackfillReport, fingerprint: str) -> dict:
     }
 
 
-@asset(group_name="events", kinds={"pytorch", "sqlite"}, retry_policy=STORE_RETRY)
+@asset(group_name="events", kinds={"python", "sqlite"}, retry_policy=STORE_RETRY)
+@timed
 @stop_on_termination
 def event_embeddings(
     context: AssetExecutionContext,
@@ -102,7 +112,9 @@ def event_embeddings(
     app_db: AppDatabaseResource,
     embedder: EmbedderResource,
 ) -> MaterializeResult:
-    """CLIP vectors of event thumbnails, in SQLite `event_embeddings` (JSON, model_version).
+    """Vectors of event thumbnails from the configured embedder (CLIP, or the colour-histogram
+    fallback: metadata `embedder` and the run's `cv_assets/embedder` tag say which), in SQLite
+    `event_embeddings` (JSON, model_version).
 
     `missing` (the schedule's mode) embeds the next batch of events that have no vector
     for the current model, oldest first; `all` re-embeds every event, batch by batch.
@@ -123,6 +135,7 @@ def event_embeddings(
         on_batch=lambda b: context.log.info(f"batch: {b.embedded} embedded, {b.failed} failed"),
     )
     remember_embedder_version(db, embedder.settings(), report.model_version)
+    note_embedder(context, report.model_version)
     for reason in report.failures.values():
         context.log.warning(reason)
     context.log.info(report.summary())
@@ -142,6 +155,7 @@ def event_embeddings_not_given_up(settings: SettingsResource, app_db: AppDatabas
 
 
 @asset(group_name="events", kinds={"numpy", "sqlite"}, deps=[event_embeddings], retry_policy=STORE_RETRY)
+@timed
 @stop_on_termination
 def recurring_visitors(
     context: AssetExecutionContext,

@@ -25,7 +25,7 @@ from cv_assets.manifest import ManifestError, ProjectKeyConflict, discover_manif
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
 from cv_assets.defs.common import bad_input, project_asset
-from cv_assets.store.projects import ProjectRows, load_project, upsert_project
+from cv_assets.store.projects import ProjectRows, load_project, processed_projects, upsert_project
 from cv_assets.text import printable
 
 def project_or_fail(app_db: AppDatabaseResource, key: str) -> ProjectRows:
@@ -100,19 +100,31 @@ def build_project_job(executor: str = "in_process"):
 
 
 
-@sensor(job_name="project_reprocess_job", minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
+PROJECT_SENSOR_DOC = (
+    "Finds new or edited projects under storage.projects_root: validates each project.yaml, syncs it "
+    "into SQLite, adds its partition and launches project_reprocess_job for it, unless its current "
+    "manifest and embedder were already processed (by make run, the UI or an earlier tick)."
+)
+
+
+@sensor(job_name="project_reprocess_job", minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING,
+        description=PROJECT_SENSOR_DOC)
 def project_sensor(context: SensorEvaluationContext, settings: SettingsResource, app_db: AppDatabaseResource):
     """Scan `projects_root` for project manifests; validate each, sync it into SQLite, add
     its partition and request a run keyed by the manifest's content hash and the embedder
     configuration (a re-tick never launches a duplicate; an edited manifest, clip or image,
-    or a switch of model, launches a new run). A bad project never blocks the others: each
-    manifest is capped in size (`manifests.*`) and checked on its own, and a folder declaring
-    a key another folder registered first is logged and its rows left untouched."""
+    or a switch of model, launches a new run). A project whose current manifest hash and
+    embedder fingerprint a finished run already processed (`record_processed`, whoever ran
+    it) is left alone. A bad project never blocks the others: each manifest is capped in
+    size (`manifests.*`) and checked on its own, and a folder declaring a key another folder
+    registered first is logged and its rows left untouched. A tick that requests nothing
+    says why."""
     cfg = settings.load()
     manifests, bad = discover_manifests(cfg.storage.projects_root, cfg.manifests)
     db = app_db.get()
     model = embedder_fingerprint(cfg.embedder)
-    synced, run_requests = [], []
+    processed = processed_projects(db)
+    synced, run_requests, unchanged = [], [], []
     for manifest in manifests:
         try:
             upsert_project(db, manifest)
@@ -120,11 +132,16 @@ def project_sensor(context: SensorEvaluationContext, settings: SettingsResource,
             bad[manifest.key] = str(exc)
             continue
         synced.append(manifest.key)
+        done = processed.get(manifest.key)
+        if done is not None and (done.manifest_hash, done.embedder) == (manifest.content_hash, model):
+            unchanged.append(manifest.key)
+            continue
         run_requests.append(
             RunRequest(
                 partition_key=manifest.key,
                 run_key=f"{manifest.key}:{manifest.content_hash}:{model}",
-                tags={"cv_assets/project": manifest.key, "cv_assets/manifest_hash": manifest.content_hash},
+                tags={"cv_assets/project": manifest.key, "cv_assets/manifest_hash": manifest.content_hash,
+                      "cv_assets/embedder_fingerprint": model},
             )
         )
     for folder, reason in bad.items():
@@ -133,7 +150,15 @@ def project_sensor(context: SensorEvaluationContext, settings: SettingsResource,
         return SkipReason(printable(f"no valid project under {cfg.storage.projects_root} ({len(bad)} invalid)"))
     known = set(context.instance.get_dynamic_partitions(projects_partitions.name))
     new_keys = [key for key in synced if key not in known]
-    return SensorResult(
-        run_requests=run_requests,
-        dynamic_partitions_requests=[projects_partitions.build_add_request(new_keys)] if new_keys else [],
-    )
+    partitions = [projects_partitions.build_add_request(new_keys)] if new_keys else []
+    if not run_requests:
+        return SensorResult(skip_reason=_unchanged_text(unchanged, bad), dynamic_partitions_requests=partitions)
+    return SensorResult(run_requests=run_requests, dynamic_partitions_requests=partitions)
+
+
+def _unchanged_text(unchanged: list[str], bad: dict) -> str:
+    """Why a tick requests nothing: "3 projects unchanged (a, b, c); 1 invalid"."""
+    names = ", ".join(unchanged[:5]) + (f", +{len(unchanged) - 5} more" if len(unchanged) > 5 else "")
+    text = (f"{len(unchanged)} project{'s' if len(unchanged) != 1 else ''} unchanged ({names}): manifest and "
+            "embedder already processed")
+    return printable(text + (f"; {len(bad)} invalid" if bad else ""))

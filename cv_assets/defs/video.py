@@ -19,7 +19,14 @@ from dagster import (
     multi_asset,
 )
 
-from cv_assets.defs.common import PREVIEW_ROWS, STORE_RETRY, markdown_table, partitioned_check, stop_on_termination
+from cv_assets.defs.common import (
+    PREVIEW_ROWS,
+    STORE_RETRY,
+    markdown_table,
+    partitioned_check,
+    stop_on_termination,
+    timed,
+)
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource, WarehouseResource
@@ -51,6 +58,7 @@ Rows and files are replaced together: no frame of an earlier run remains."""
     partitions_def=projects_partitions,
     retry_policy=STORE_RETRY,
 )
+@timed
 @stop_on_termination
 def video_assets(
     context: AssetExecutionContext,

@@ -41,6 +41,12 @@ class Project(Base):
     root_path: Mapped[str] = mapped_column(Text)
     manifest_hash: Mapped[str | None] = mapped_column(String(64))
     ground_truth_path: Mapped[str | None] = mapped_column(Text)
+    # What the last finished run processed: the project sensor skips a project whose current
+    # manifest hash and embedder fingerprint match (whoever ran it).
+    processed_manifest_hash: Mapped[str | None] = mapped_column(String(64))
+    processed_embedder: Mapped[str | None] = mapped_column(String(64))
+    processed_run_id: Mapped[str | None] = mapped_column(String(64))
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
     assets: Mapped[list["Asset"]] = relationship(back_populates="project", cascade="all, delete-orphan")

@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from cv_assets.manifest import ProjectKeyConflict, ProjectManifest
 from cv_assets.store.database import AppDatabase
-from cv_assets.store.models import Asset, AssetAppearance, Project, SceneManifest
+from cv_assets.store.models import Asset, AssetAppearance, Project, SceneManifest, utcnow
 
 
 @dataclass(frozen=True)
@@ -188,3 +188,41 @@ def project_outcome(db: AppDatabase, key: str) -> dict:
         scenes.append({"scene": index, "score": score, "needs_review": bool(details.get("needs_review")),
                        "clip_status": details.get("clip_status", "ok"), "concern": concerns[0] if concerns else None})
     return {"appearances": appearances, "scenes": scenes}
+
+
+@dataclass(frozen=True)
+class Processed:
+    """What a project's last finished run processed."""
+
+    manifest_hash: str | None
+    embedder: str | None
+    run_id: str | None
+
+
+def record_processed(db: AppDatabase, key: str, embedder: str, run_id: str) -> str | None:
+    """Record that `run_id` finished the project's chain for its current manifest hash and
+    the embedder fingerprint `embedder`. A run over the same hash and embedder as the one
+    recorded keeps the earlier run id (the run since which nothing changed), which is returned."""
+    with db.write() as session:
+        project = session.scalar(select(Project).where(Project.key == key))
+        if project is None:
+            return None
+        same = (project.processed_manifest_hash, project.processed_embedder) == (project.manifest_hash, embedder)
+        if not (same and project.processed_run_id):
+            project.processed_manifest_hash, project.processed_embedder = project.manifest_hash, embedder
+            project.processed_run_id = run_id
+            project.processed_at = utcnow()
+        return project.processed_run_id
+
+
+def processed_projects(db: AppDatabase) -> dict[str, Processed]:
+    """{project key: what its last finished run processed}; empty for a database not yet migrated."""
+    try:
+        with db.read() as session:
+            rows = session.execute(select(Project.key, Project.processed_manifest_hash, Project.processed_embedder,
+                                          Project.processed_run_id)).all()
+    except OperationalError as exc:
+        if "no such table" in str(exc):
+            return {}
+        raise db.unavailable("cannot read", exc) from None
+    return {key: Processed(h, e, r) for key, h, e, r in rows}
