@@ -134,20 +134,27 @@ def dlib_problem() -> str | None:
     return f"dlib model file(s) missing in {models}: {', '.join(absent)}" if absent else None
 
 
-@functools.lru_cache(maxsize=2)
-def _dlib_models(landmarks: str, descriptor: str) -> tuple[Any, Any, Any]:
-    """dlib's detector (2+ s to build: it deserialises its HOG filters), landmark and
-    descriptor models, kept per process so each step or test pays for them once; they hold
-    no state between calls."""
+@functools.lru_cache(maxsize=1)
+def _hog_detector() -> Any:
+    """dlib's frontal face detector, kept per process: building it takes 2+ s (it
+    deserialises its HOG filters) and it holds no state between calls."""
     import dlib
 
-    loaded = [dlib.get_frontal_face_detector()]
+    return dlib.get_frontal_face_detector()
+
+
+@functools.lru_cache(maxsize=2)
+def _dlib_models(landmarks: str, descriptor: str) -> tuple[Any, Any]:
+    """The landmark and descriptor models, kept per process like the detector."""
+    import dlib
+
+    loaded = []
     for load, path in ((dlib.shape_predictor, landmarks), (dlib.face_recognition_model_v1, descriptor)):
         try:
             loaded.append(load(path))
         except RuntimeError as exc:
             raise RuntimeError(f"cannot load dlib model file {path}: {exc}") from None
-    return tuple(loaded)
+    return loaded[0], loaded[1]
 
 
 class DlibFaceBackend(FaceBackend):
@@ -171,7 +178,8 @@ class DlibFaceBackend(FaceBackend):
         if models is None:
             raise RuntimeError(f"the face-recognition-models package is not installed ({INSTALL_HINT})")
         self.files = {role: str(models / name) for role, name in DLIB_MODEL_FILES.items()}
-        self._detector, self._landmarks, self._encoder = _dlib_models(self.files["landmarks"], self.files["descriptor"])
+        self._landmarks, self._encoder = _dlib_models(self.files["landmarks"], self.files["descriptor"])
+        self._detector = _hog_detector()
         self._dlib = dlib
 
     def _scaled(self, image: np.ndarray) -> tuple[np.ndarray, float]:
