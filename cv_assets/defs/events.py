@@ -149,7 +149,7 @@ def event_embeddings_not_given_up(settings: SettingsResource, app_db: AppDatabas
         passed=given_up.count == 0,
         severity=AssetCheckSeverity.WARN,
         description=given_up.summary(),
-        metadata={"model_version": given_up.model_version or "", "given_up_count": given_up.count,
+        metadata={"model_version": given_up.model_version or "none yet", "given_up_count": given_up.count,
                   "given_up_shown": len(given_up.events), "given_up": MetadataValue.md(given_up.table())},
     )
 
@@ -182,7 +182,7 @@ def recurring_visitors(
     )
     return MaterializeResult(
         metadata={
-            "model_version": report.model_version or "",
+            "model_version": report.model_version or "none yet",
             "mode": report.mode,
             "events_grouped": report.events_considered,
             "new_events": report.new_events,

@@ -393,11 +393,17 @@ def _iso(value: datetime | None) -> str | None:
 
 def outcomes_preview(outcomes: Sequence[EventOutcome], limit: int) -> str:
     rows = [
-        (o.event_id, o.camera_id, _iso(o.started_at), o.status, o.attempts or "", (o.reason or "")[:120])
+        (o.event_id, o.camera_id, _iso(o.started_at), o.status, o.attempts or "", _reason_cell(o.event_id, o.reason, 120))
         for o in outcomes
     ]
     return markdown_table(["event", "camera", "started_at", "status", "attempts", "reason"], rows, limit=limit,
                           noun="events")
+
+
+def _reason_cell(event_id: str, reason: str | None, width: int) -> str:
+    """A reason for a table that has an event column: without the leading `event <id>: `."""
+    reason = reason or ""
+    return reason.removeprefix(f"event {event_id}: ")[:width]
 
 
 @dataclass(frozen=True)
@@ -418,7 +424,8 @@ class GivenUp:
     def table(self) -> str:
         return markdown_table(
             ["event", "attempts", "last failed", "reason"],
-            [(g["event_id"], g["attempts"], g["last_failed_at"], g["reason"][:160]) for g in self.events],
+            [(g["event_id"], g["attempts"], g["last_failed_at"], _reason_cell(g["event_id"], g["reason"], 160))
+             for g in self.events],
         )
 
 
