@@ -208,11 +208,12 @@ class DlibFaceBackend(FaceBackend):
         return np.asarray(self._encoder.compute_face_descriptor(small, shape, 0), dtype=np.float32)
 
     def detect(self, image):
+        image = as_rgb(image)
         small, scale = self._scaled(image)
         return self._detect_scaled(small, scale, image.shape[1], image.shape[0])
 
     def descriptor(self, image, face):
-        return self._describe_scaled(self._scaled(image)[0], face)
+        return self._describe_scaled(self._scaled(as_rgb(image))[0], face)
 
     def faces(self, image):
         image = as_rgb(image)
@@ -260,7 +261,7 @@ class YuNetFaceBackend(FaceBackend):
         self._recognizer = cv2.FaceRecognizerSF.create(str(recognizer_model), "")
 
     def detect(self, image):
-        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        bgr = cv2.cvtColor(as_rgb(image), cv2.COLOR_RGB2BGR)
         height, width = bgr.shape[:2]
         self._detector.setInputSize((width, height))
         _, detected = self._detector.detect(bgr)
@@ -273,7 +274,7 @@ class YuNetFaceBackend(FaceBackend):
         return found
 
     def descriptor(self, image, face):
-        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        bgr = cv2.cvtColor(as_rgb(image), cv2.COLOR_RGB2BGR)
         feature = self._recognizer.feature(self._recognizer.alignCrop(bgr, face.raw)).ravel().astype(np.float32)
         return feature / (np.linalg.norm(feature) or 1.0)
 
