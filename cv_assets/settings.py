@@ -220,6 +220,9 @@ class ContinuitySettings(_Section):
 class EventsSettings(_Section):
     max_batch: int = Field(100, ge=1, le=100)
     backfill_cron: Cron = "*/15 * * * *"
+    # Backfill runs the schedule may request per tick. Above 1 only where the application
+    # database is PostgreSQL: each run claims its own batch (SKIP LOCKED). On SQLite one run.
+    backfill_workers: int = Field(1, ge=1, le=64)
     visitor_recluster_cron: Cron = "0 3 * * *"  # nightly full re-grouping of recurring visitors
     similar_min_similarity: Fraction = 0.7
     similar_limit: int = Field(10, ge=1, le=1000)
