@@ -97,3 +97,34 @@ def test_a_killed_workers_batch_is_skipped_while_held_and_embedded_by_another(po
     assert sorted(logged(tmp_path, "after")) == sorted(claimed)
     assert logged(tmp_path, "holder") == []
     assert vector_rows(db) == (len(ids), len(ids), len(ids))
+
+
+# ---------------------------------------------------------------- the schedule asks for several runs
+
+
+def tick(settings, when):
+    from dagster import DagsterInstance, build_schedule_context
+
+    from cv_assets.defs.events import build_event_schedules
+    from cv_assets.defs.resources import build_resources
+
+    schedule = {s.name: s for s in build_event_schedules(settings)}["event_embedding_backfill_schedule"]
+    context = build_schedule_context(instance=DagsterInstance.ephemeral(), scheduled_execution_time=when,
+                                     resources=build_resources(settings))
+    requests = schedule(context)
+    return requests if isinstance(requests, list) else [requests]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_schedule_requests_up_to_backfill_workers_runs_on_postgresql_only(backend, settings_factory, request):
+    from datetime import datetime, timezone
+
+    storage = {"database_url": request.getfixturevalue("postgres_url")} if backend == "postgresql" else {}
+    settings, _ = settings_factory(storage=storage, events={"max_batch": 5, "backfill_workers": 3})
+    colour_events(AppDatabase(settings.storage.database_url), [COLOURS[i % 4] for i in range(12)], noise=0)
+    when = datetime(2026, 11, 21, 6, 15, tzinfo=timezone.utc)
+    requests = tick(settings, when)
+    expected = 3 if backend == "postgresql" else 1
+    assert len(requests) == expected
+    assert len({r.run_key for r in requests}) == expected
+    assert requests[0].run_key == f"event_embeddings:{when.isoformat()}"

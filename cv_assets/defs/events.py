@@ -202,8 +202,10 @@ event_embedding_backfill_job = define_asset_job(
     description="Embed the next batch of event thumbnails, then fold the new vectors into recurring visitors.",
     # One process: the model loads once and the vector index is shared by both steps.
     executor_def=in_process_executor,
-    # dagster.yaml limits runs with this tag to one at a time: two overlapping backfills
-    # would pick the same events and double-count failed attempts.
+    # The local dagster.yaml (SQLite) limits runs with this tag to one at a time: two
+    # overlapping backfills on SQLite would pick the same events and double-count failed
+    # attempts. On PostgreSQL each run claims its own batch (SKIP LOCKED), and the deployed
+    # instance (deploy/dagster.yaml) allows events.backfill_workers of them at once.
     tags={"cv_assets/kind": "event_backfill"},
 )
 
@@ -218,12 +220,14 @@ def build_event_schedules(settings: Settings) -> list:
     """The event schedules, with their crons and limits from the settings the definitions
     are built from (the resources come from the same settings)."""
     max_attempts = settings.events.max_attempts
+    workers, max_batch = settings.events.backfill_workers, settings.events.max_batch
 
     @schedule(
         cron_schedule=settings.events.backfill_cron,
         job=event_embedding_backfill_job,
         default_status=DefaultScheduleStatus.RUNNING,
-        description="Embeds event thumbnails batch by batch while any event lacks a vector.",
+        description="Embeds event thumbnails batch by batch while any event lacks a vector "
+                    "(up to events.backfill_workers runs per tick on PostgreSQL).",
     )
     def event_embedding_backfill_schedule(
         context: ScheduleEvaluationContext, app_db: AppDatabaseResource, embedder: EmbedderResource
@@ -244,7 +248,15 @@ def build_event_schedules(settings: Settings) -> list:
             tags["reason"] = "the configured embedder has not run on these events yet"
         else:
             tags["remaining_events"] = str(remaining)
-        return RunRequest(run_key=f"event_embeddings:{tick.isoformat()}", tags=tags)
+        key = f"event_embeddings:{tick.isoformat()}"
+        # Several runs only where they claim disjoint batches; never more than there are batches left.
+        runs = workers if db.supports_skip_locked else 1
+        if remaining is not None:
+            runs = min(runs, -(-remaining // max_batch))
+        if runs == 1:
+            return RunRequest(run_key=key, tags=tags)
+        return [RunRequest(run_key=key if i == 0 else f"{key}:{i}", tags={**tags, "backfill_worker": str(i)})
+                for i in range(runs)]
 
     @schedule(
         cron_schedule=settings.events.visitor_recluster_cron,
