@@ -51,6 +51,7 @@ from cv_assets.defs.common import (
     stop_on_termination,
     timed,
 )
+from cv_assets.defs.k8s import GPU_STEP_TAGS
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource
 from cv_assets.events.backfill import (
     MODES,
@@ -206,7 +207,8 @@ event_embedding_backfill_job = define_asset_job(
     # overlapping backfills on SQLite would pick the same events and double-count failed
     # attempts. On PostgreSQL each run claims its own batch (SKIP LOCKED), and the deployed
     # instance (deploy/dagster.yaml) allows events.backfill_workers of them at once.
-    tags={"cv_assets/kind": "event_backfill"},
+    # On Kubernetes the run is a pod on a GPU node (the model loads once per run).
+    tags={"cv_assets/kind": "event_backfill", **GPU_STEP_TAGS},
 )
 
 recurring_visitors_job = define_asset_job(

@@ -1,0 +1,127 @@
+"""deploy/: the Dockerfile, Dagster instance, docker-compose file and Helm values agree
+with the code (module name, image, storage, launchers, concurrency tags, GPU placement),
+and the instance file really works against a PostgreSQL server."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cv_assets.defs.events import event_embedding_backfill_job
+from cv_assets.defs.k8s import GPU_POOL_LABEL, K8S_CONFIG_TAG
+from cv_assets.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+MODULE = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["dagster"]["module_name"]
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def backfill_limit(limits: list[dict]) -> int:
+    kind = event_embedding_backfill_job.tags["cv_assets/kind"]
+    return next(l["limit"] for l in limits if l["key"] == "cv_assets/kind" and l["value"] == kind)
+
+
+def test_module_name_is_the_code_location_everywhere():
+    assert MODULE == "cv_assets.definitions"
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert f'"-m", "{MODULE}"]' in dockerfile
+    compose = load("docker-compose.yaml")
+    assert compose["services"]["user_code"]["command"][-2:] == ["-m", MODULE]
+    deployment = load("helm/values.yaml")["dagster-user-deployments"]["deployments"][0]
+    assert deployment["dagsterApiGrpcArgs"] == ["--module-name", MODULE]
+
+
+def test_dockerfile_variants_take_torch_from_pytorchs_index():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "ARG VARIANT=cpu" in dockerfile
+    assert "download.pytorch.org/whl/cpu" in dockerfile and re.search(r"download\.pytorch\.org/whl/cu\d+", dockerfile)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"postgres", "deploy"} <= set(extras) and 'pip install ".[postgres,deploy]"' in dockerfile
+    assert any(d.startswith("dagster-postgres") for d in extras["deploy"])
+    assert "COPY deploy/dagster.yaml ${DAGSTER_HOME}/dagster.yaml" in dockerfile
+
+
+def test_compose_services_image_workspace_and_storage_agree():
+    compose = load("docker-compose.yaml")
+    services = compose["services"]
+    assert {"postgres", "user_code", "webserver", "daemon"} <= set(services)
+    images = {services[name]["image"] for name in ("user_code", "webserver", "daemon")}
+    assert images == {services["user_code"]["environment"]["DAGSTER_CURRENT_IMAGE"]}  # runs use the same image
+    assert "pgvector" in services["postgres"]["image"]
+    workspace = yaml.safe_load((DEPLOY / "workspace.yaml").read_text())["load_from"][0]["grpc_server"]
+    assert workspace["host"] == "user_code" and str(workspace["port"]) in services["user_code"]["command"]
+    env = {k: str(v) for k, v in services["user_code"]["environment"].items()}
+    storage = load_settings(ROOT / "config.yaml", env=env).storage  # the code accepts what compose sets
+    assert storage.database_url.startswith("postgresql+psycopg://") and "@postgres:" in storage.database_url
+    assert storage.warehouse == "ducklake" and storage.ducklake_catalog_url.startswith("postgresql://")
+    instance_env = services["webserver"]["environment"]
+    assert instance_env["DAGSTER_POSTGRES_HOST"] == "postgres"
+
+
+def test_instance_uses_postgres_queue_docker_launcher_and_backfill_limit():
+    from dagster._core.instance.config import dagster_instance_config
+
+    config, _ = dagster_instance_config(str(DEPLOY))  # validates against Dagster's schema
+    assert "postgres_db" in config["storage"]["postgres"]
+    assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    launcher = config["run_launcher"]
+    assert (launcher["module"], launcher["class"]) == ("dagster_docker", "DockerRunLauncher")
+    compose = load("docker-compose.yaml")
+    assert launcher["config"]["network"] in compose["networks"]
+    assert compose["volumes"]["cv_assets_data"]["name"] == launcher["config"]["container_kwargs"]["volumes"][0].split(":")[0]
+    forwarded = set(launcher["config"]["env_vars"])
+    assert set(compose["services"]["user_code"]["environment"]) - {"DAGSTER_CURRENT_IMAGE"} <= forwarded
+    workers = int(compose["services"]["user_code"]["environment"]["CV_ASSETS__EVENTS__BACKFILL_WORKERS"])
+    assert backfill_limit(config["concurrency"]["runs"]["tag_concurrency_limits"]) >= workers > 1
+    assert config["concurrency"]["pools"]["default_limit"] >= 1
+
+
+def test_helm_values_launch_on_k8s_with_postgres_and_a_gpu_pool():
+    values = load("helm/values.yaml")
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert values["postgresql"]["enabled"] is True
+    assert values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
+    user_code = values["dagster-user-deployments"]
+    assert user_code["enabled"] and user_code["deployments"][0]["includeConfigInLaunchedRuns"]["enabled"]
+    env = {e["name"]: e["value"] for e in user_code["deployments"][0]["env"]}
+    assert backfill_limit(values["concurrency"]["runs"]["tagConcurrencyLimits"]) >= int(env["CV_ASSETS__EVENTS__BACKFILL_WORKERS"])
+    cpu_pool = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]["podSpecConfig"]["nodeSelector"]
+    gpu = json.loads(event_embedding_backfill_job.tags[K8S_CONFIG_TAG])
+    assert cpu_pool == {GPU_POOL_LABEL: "cpu"}
+    assert gpu["pod_spec_config"]["node_selector"] == {GPU_POOL_LABEL: "gpu"}
+    assert gpu["container_config"]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+
+
+def test_the_instance_file_runs_on_a_real_postgresql(pg_server, tmp_path):
+    """Dagster's own storage (runs, event log, schedules) migrates and works on PostgreSQL."""
+    pytest.importorskip("dagster_postgres")
+    from urllib.parse import parse_qs, urlparse
+
+    from dagster import DagsterInstance, asset, materialize
+
+    pg_server.psql("CREATE DATABASE dagster_instance_test;")
+    socket_dir = parse_qs(urlparse(pg_server.get_uri()).query)["host"][0]
+    config = load("dagster.yaml")
+    config.pop("run_launcher")  # dagster-docker is an image dependency, not a test one
+    # pgserver listens on a Unix socket, which postgres_db's hostname cannot name: the same
+    # storage through postgres_url.
+    config["storage"]["postgres"] = {"postgres_url": f"{config['storage']['postgres']['postgres_db']['scheme']}://postgres@/dagster_instance_test?host={socket_dir}"}
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+
+    @asset
+    def probe() -> int:
+        return 1
+
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert materialize([probe], instance=instance).success
+        assert instance.get_latest_materialization_event(probe.key) is not None
