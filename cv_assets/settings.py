@@ -178,13 +178,26 @@ class CvAnalysisSettings(_Section):
 
 
 class AppearanceSettings(_Section):
+    # The exhaustive grid (coarse_to_fine: false): crops of these sizes (share of the
+    # frame's shorter side) overlapping by region_overlap.
     region_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [1.0, 0.6, 0.4, 0.25]
     region_overlap: float = Field(0.5, ge=0.0, lt=1.0)
-    # Overlapping matching regions are merged: the box is where their votes reach this share of the peak.
-    vote_fraction: Fraction = 0.7
-    # Among regions scoring within this margin of the best, the tightest box wins.
+    # Coarse to fine: the whole frame and the coarse grid first; only an asset whose best
+    # coarse region comes within seed_margin of its threshold is searched further.
+    coarse_to_fine: bool = True
+    coarse_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.6]
+    coarse_overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    seed_margin: Fraction = 0.3
+    # Box fit around a seed: a window grown by extent_reach (share of the shorter side) on
+    # each side; each axis is split at extent_steps positions, then refine_steps around
+    # each edge found, for extent_rounds rounds in all (each round is one batch).
+    extent_reach: Fraction = 0.3
+    extent_steps: int = Field(4, ge=1, le=32)
+    refine_steps: int = Field(2, ge=1, le=32)
+    extent_rounds: int = Field(2, ge=1, le=8)
+    # Scores this close count as equal: the tightest region or edge among them wins.
     tie_margin: Fraction = 0.03
-    # A ground-truth match needs at least this IoU (demo precision/recall).
+    # A ground-truth match needs at least this IoU (precision/recall against ground truth).
     eval_iou: Fraction = 0.1
     # Similarity thresholds by embedder family; a CLIP threshold means nothing for
     # another model. Families not listed use cv_analysis.clip_similarity_threshold.

@@ -9,8 +9,8 @@ from cv_assets.analysis.appearances import (
     ReferenceAsset,
     candidate_regions,
     evaluate_against_truth,
+    RegionSearch,
     iou,
-    locate,
     match_frames,
 )
 from cv_assets.analysis.continuity import SceneInput, score_scenes
@@ -61,46 +61,76 @@ def test_iou():
     assert iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
 
 
-def test_locate_merges_overlapping_regions_into_the_area_they_agree_on():
-    # Four crops all contain the object at (100..150, 100..150); their votes meet there.
-    boxes = [(0, 0, 640, 360), (50, 50, 200, 200), (100, 100, 250, 250), (0, 90, 160, 250), (90, 0, 250, 160), (400, 0, 640, 240)]
-    scores = np.array([0.80, 0.90, 0.90, 0.90, 0.90, 0.20])
-    box, representative = locate(boxes, scores, threshold=0.7, vote_fraction=0.9, tie_margin=0.03)
-    assert box == (100, 100, 160, 160)  # only where all four agree
-    looser, _ = locate(boxes, scores, threshold=0.7, vote_fraction=0.7, tie_margin=0.03)
-    assert looser == (90, 90, 200, 200)  # where at least three agree
-    assert representative in (1, 2)  # tightest of the best-scoring regions
-    assert locate(boxes, scores, threshold=0.95, vote_fraction=0.7, tie_margin=0.03) is None
+EXHAUSTIVE = dict(scales=[1.0, 0.6, 0.4], overlap=0.5, coarse_to_fine=False)
 
 
-def test_locate_ignores_matching_regions_that_do_not_touch_the_best_one():
-    boxes = [(0, 0, 100, 100), (500, 200, 600, 300)]
-    box, representative = locate(boxes, np.array([0.9, 0.85]), 0.7, 0.7, 0.03)
-    assert box == (0, 0, 100, 100) and representative == 0
+def colour_only_embed(crops):
+    """Like the colour-histogram embedder: grey does not count, so any crop holding a piece
+    of a flat red object scores alike (the fit must find the edges from what is *outside*)."""
+    out = colour_embed(crops)
+    out[:, 3] = 0.0
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
-def test_match_frames_finds_present_assets_with_boxes_and_skips_absent_ones():
+def test_box_is_the_extent_of_a_flat_object_not_the_tightest_square_crop():
+    # A tall object no square crop fits: the fitted box follows its edges.
+    truth = (300, 60, 360, 220)
+    frames = [FrameInput(0, 0, 0.0, frame_with([(truth, RED)]))]
+    outcome = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_only_embed,
+                           RegionSearch(threshold=0.5, **EXHAUSTIVE))
+    (app,) = outcome.appearances
+    assert iou(app.bbox, truth) >= 0.6, app.bbox
+    # Every grid crop is embedded once, plus the fit's split parts and the fitted box.
+    assert outcome.forwards > len(candidate_regions(640, 360, [1.0, 0.6, 0.4], 0.5))
+    assert outcome.forwards_per_frame == outcome.forwards
+
+
+@pytest.mark.parametrize("coarse_to_fine", [False, True])
+def test_match_frames_finds_present_assets_with_boxes_and_skips_absent_ones(coarse_to_fine):
     red_box, blue_box = (40, 60, 140, 160), (400, 150, 500, 250)
     frames = [
         FrameInput(0, 0, 0.0, frame_with([(red_box, RED), (blue_box, BLUE)])),
         FrameInput(0, 48, 2.0, frame_with([(red_box, RED)])),
     ]
     refs = [ReferenceAsset(1, "CHAR_01", unit(0)), ReferenceAsset(2, "CHAR_02", unit(1)), ReferenceAsset(3, "PROP_01", unit(2))]
-    found = match_frames(frames, refs, colour_embed, threshold=0.5, scales=[1.0, 0.6, 0.4], overlap=0.5, vote_fraction=0.7, tie_margin=0.03)
-    got = {(a.frame_index, a.asset_code): a for a in found}
+    search = RegionSearch(threshold=0.5, scales=[1.0, 0.6, 0.4], overlap=0.5, coarse_to_fine=coarse_to_fine)
+    outcome = match_frames(frames, refs, colour_embed, search)
+    got = {(a.frame_index, a.asset_code): a for a in outcome.appearances}
     assert set(got) == {(0, "CHAR_01"), (0, "CHAR_02"), (48, "CHAR_01")}  # no green anywhere, no blue in frame 48
     for (frame, code), app in got.items():
         truth = red_box if code == "CHAR_01" else blue_box
-        assert iou(app.bbox, truth) > 0.3, (code, app.bbox)
+        assert iou(app.bbox, truth) > 0.5, (code, app.bbox)
         assert 0.5 <= app.confidence <= 1.0
         assert app.source == "clip_match" and app.embedding.shape == (512,)
     assert got[(48, "CHAR_01")].timestamp_sec == 2.0
+    assert outcome.frames == 2 and outcome.forwards > 0
+
+
+def test_coarse_to_fine_embeds_far_fewer_regions_than_the_exhaustive_grid():
+    frames = [FrameInput(0, 0, 0.0, frame_with([((100, 50, 300, 300), RED)]))]
+    refs = [ReferenceAsset(1, "CHAR_01", unit(0)), ReferenceAsset(2, "CHAR_02", unit(1))]
+    full = match_frames(frames, refs, colour_embed, RegionSearch(threshold=0.5, coarse_to_fine=False))
+    fast = match_frames(frames, refs, colour_embed, RegionSearch(threshold=0.5))
+    assert full.forwards >= len(candidate_regions(640, 360, RegionSearch(0.5).scales, 0.5))
+    assert fast.forwards < full.forwards / 2
+    assert [a.asset_code for a in fast.appearances] == [a.asset_code for a in full.appearances] == ["CHAR_01"]
+
+
+def test_no_seed_no_fit_and_nothing_to_do_without_frames_or_references():
+    frames = [FrameInput(0, 0, 0.0, frame_with([]))]
+    refs = [ReferenceAsset(1, "CHAR_01", unit(0))]
+    coarse = RegionSearch(threshold=0.5)
+    outcome = match_frames(frames, refs, colour_embed, coarse)
+    assert outcome.appearances == []
+    assert outcome.forwards == len(candidate_regions(640, 360, coarse.coarse_scales, coarse.coarse_overlap))
+    assert match_frames([], refs, colour_embed, coarse).forwards == 0
+    assert match_frames(frames, [], colour_embed, coarse).appearances == []
 
 
 def test_one_appearance_per_asset_and_frame_even_with_many_overlapping_hits():
     frames = [FrameInput(0, 0, 0.0, frame_with([((100, 50, 300, 300), RED)]))]
-    found = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_embed, threshold=0.3,
-                         scales=[1.0, 0.6, 0.4], overlap=0.75, vote_fraction=0.7, tie_margin=0.03)
+    found = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_embed,
+                         RegionSearch(threshold=0.3, scales=[1.0, 0.6, 0.4], overlap=0.75, coarse_to_fine=False)).appearances
     assert len(found) == 1
 
 
@@ -115,6 +145,9 @@ def test_evaluate_against_truth_counts_tp_fp_fn():
     assert (scores["A"].true_positives, scores["A"].predicted, scores["A"].actual) == (1, 2, 2)
     assert scores["A"].precision == 0.5 and scores["A"].recall == 0.5
     assert scores["B"].precision == 0.0 and scores["B"].recall == 0.0
+    # Box IoU over the frames where the asset is predicted and visible, hit or miss.
+    assert scores["A"].boxes_compared == 2 and scores["A"].mean_iou == pytest.approx((1.0 + 0.0) / 2)
+    assert scores["B"].mean_iou is None
 
 
 def _app(code, scene, vec, conf=0.9):

@@ -1,11 +1,19 @@
 """Where does each reference asset appear? Region matching by embedding (`clip_match`).
 
-For every sampled frame, the whole frame and a grid of multi-scale overlapping square
-crops are embedded in batches; each crop is compared (cosine) with every reference
-asset's vector. The overlapping regions of one asset at or above the threshold are
-merged into one box by letting each vote on its pixels (see `locate`): a whole frame
-that contains the asset scores about as high as a tight crop, and the votes of the
-small crops pin down where it is. At most one appearance per asset and frame.
+For every sampled frame, regions are embedded in batches and compared (cosine) with
+every reference asset's vector, in two stages:
+
+1. Find: the whole frame and a grid of square crops. Coarse to fine (the default): a
+   coarse grid only; an asset whose best region comes near its threshold is a *seed*.
+   Exhaustive: the full multi-scale grid.
+2. Fit: around each seed, a window is split along each axis at a few positions, and the
+   box's edges are where the part beyond a split stops holding the object while the
+   part within it holds all of it (see `_AxisProfile`); a few rounds refine the edges.
+   The box is the object's extent, not the tightest square crop that matched: a
+   reference photo matches best when the crop meets the object's edges.
+
+An asset appears when its best region or its fitted box reaches the threshold; at most
+one appearance per asset and frame. `MatchOutcome.forwards` counts every crop embedded.
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, exclusive end
@@ -80,36 +87,218 @@ def iou(a: Box, b: Box) -> float:
 
 
 def area(box: Box) -> int:
-    return (box[2] - box[0]) * (box[3] - box[1])
+    return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
 
 
-def locate(boxes: Sequence[Box], scores: np.ndarray, threshold: float, vote_fraction: float, tie_margin: float) -> tuple[Box, int] | None:
-    """Merge the overlapping regions that match one asset into one box; None below threshold.
+@dataclass(frozen=True)
+class RegionSearch:
+    """How `match_frames` looks for each asset (the `appearances` settings carry the values).
 
-    Every region at or above the threshold that overlaps the best-scoring one votes
-    `(score - threshold) / area` on its pixels, so small confident crops count more than
-    the whole frame. The box is the connected area around the peak where the votes reach
-    `vote_fraction` of it. Also returns the representative region (the tightest within
-    `tie_margin` of the best score) whose vector stands for this appearance.
+    `coarse_to_fine`: embed the whole frame and the `coarse_scales` grid first; only an
+    asset whose best coarse region scores at least `threshold - seed_margin` gets a finer
+    search, around that region. Otherwise every crop of the `scales` grid is embedded.
+    Either way the box is then fitted to the object's extent (see `fit_boxes`). The
+    defaults are those of `AppearanceSettings`.
     """
-    above = np.flatnonzero(scores >= threshold)
-    if above.size == 0:
+
+    threshold: float
+    scales: Sequence[float] = (1.0, 0.6, 0.4, 0.25)
+    overlap: float = 0.5
+    coarse_to_fine: bool = True
+    coarse_scales: Sequence[float] = (0.6,)
+    coarse_overlap: float = 0.5
+    seed_margin: float = 0.3
+    extent_reach: float = 0.3
+    extent_steps: int = 4
+    refine_steps: int = 2
+    extent_rounds: int = 2
+    tie_margin: float = 0.03
+
+
+@dataclass
+class _FrameRegions:
+    """Every box embedded so far for one frame, its vector and its score per asset."""
+
+    frame: "FrameInput"
+    boxes: list[Box] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    scores: list[np.ndarray] = field(default_factory=list)
+    positions: dict[Box, int] = field(default_factory=dict)
+
+    def add(self, box: Box, vector: np.ndarray, row: np.ndarray) -> None:
+        self.positions[box] = len(self.boxes)
+        self.boxes.append(box)
+        self.vectors.append(vector)
+        self.scores.append(row)
+
+    def score_of(self, box: Box, k: int) -> float:
+        return float(self.scores[self.positions[box]][k])
+
+    def vector_of(self, box: Box) -> np.ndarray:
+        return self.vectors[self.positions[box]]
+
+
+@dataclass(frozen=True)
+class MatchOutcome:
+    appearances: list["Appearance"]
+    forwards: int  # crops embedded (the whole frame counts as one)
+    frames: int
+
+    @property
+    def forwards_per_frame(self) -> float:
+        return self.forwards / self.frames if self.frames else 0.0
+
+
+def _embed_round(states: Sequence[_FrameRegions], requests: Sequence[Sequence[Box]], embed_images, ref_matrix) -> int:
+    """Embed, in one call, each frame's requested boxes that it has not embedded yet."""
+    todo = []
+    for state, boxes in zip(states, requests):
+        todo += [(state, b) for b in dict.fromkeys(boxes) if b not in state.positions and area(b) > 0]
+    if not todo:
+        return 0
+    vectors = embed_images([crop(state.frame.image, b) for state, b in todo])
+    scores = vectors @ ref_matrix.T
+    for (state, box), vector, row in zip(todo, vectors, scores):
+        state.add(box, vector, row)
+    return len(todo)
+
+
+def _best(state: _FrameRegions, k: int) -> tuple[Box, float] | None:
+    if not state.boxes:
         return None
-    best = int(above[np.argmax(scores[above])])
-    voters = [int(i) for i in above if iou(boxes[i], boxes[best]) > 0]
-    width, height = max(b[2] for b in boxes), max(b[3] for b in boxes)
-    votes = np.zeros((height, width), np.float32)
-    for i in voters:
-        x1, y1, x2, y2 = boxes[i]
-        votes[y1:y2, x1:x2] += (scores[i] - threshold + 1e-6) / area(boxes[i])
-    peak_y, peak_x = np.unravel_index(int(np.argmax(votes)), votes.shape)
-    mask = (votes >= vote_fraction * votes[peak_y, peak_x]).astype(np.uint8)
-    _, labels = cv2.connectedComponents(mask)
-    ys, xs = np.nonzero(labels == labels[peak_y, peak_x])
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    close = [i for i in voters if scores[i] >= scores[best] - tie_margin]
-    representative = min(close, key=lambda i: (area(boxes[i]), -scores[i]))
-    return box, representative
+    i = max(range(len(state.boxes)), key=lambda i: (float(state.scores[i][k]), -area(state.boxes[i])))
+    return state.boxes[i], float(state.scores[i][k])
+
+
+def _window(seed: Box, reach: float, width: int, height: int) -> Box:
+    """Where the object around a matching seed region can be: the seed grown by `reach`
+    times the frame's shorter side on every side, inside the frame."""
+    d = int(round(reach * min(width, height)))
+    return max(0, seed[0] - d), max(0, seed[1] - d), min(width, seed[2] + d), min(height, seed[3] + d)
+
+
+@dataclass
+class _AxisProfile:
+    """Where the object starts and ends along one axis of its search window.
+
+    A split position p cuts the window into a near part and a far part. Left of the
+    object's start, the far part holds the whole object and the near part none of it:
+    `far - near` is at its highest there. A colour-only embedder scores any crop with a
+    piece of a flat object alike (a plateau: the innermost split of the plateau is the
+    start); a photo scores highest when the crop meets the object's edge (a peak). The
+    end is the mirror image (`near - far` highest). Positions are added round by round,
+    finer around the current estimate.
+    """
+
+    axis: int  # 0: x, 1: y
+    window: Box
+    contrast: dict[int, float] = field(default_factory=dict)  # position -> far - near
+
+    def parts(self, position: int) -> tuple[Box, Box]:
+        near, far = list(self.window), list(self.window)
+        near[self.axis + 2] = position
+        far[self.axis] = position
+        return tuple(near), tuple(far)  # type: ignore[return-value]
+
+    def edges(self, tie_margin: float) -> tuple[int, int]:
+        """Start and end; a side where no split favours the far (near) part is the window
+        border: the object reaches past it."""
+        lo, hi = self.window[self.axis], self.window[self.axis + 2]
+        top, bottom = max(self.contrast.values()), min(self.contrast.values())
+        start = max(p for p, c in self.contrast.items() if c >= top - tie_margin) if top > tie_margin else lo
+        end = min(p for p, c in self.contrast.items() if c <= bottom + tie_margin) if bottom < -tie_margin else hi
+        return (start, end) if start < end else (lo, hi)
+
+    def next_positions(self, steps: int, refine_steps: int, tie_margin: float) -> list[int]:
+        lo, hi = self.window[self.axis], self.window[self.axis + 2]
+        if not self.contrast:
+            return _inner_positions(lo, hi, steps)
+        known = sorted(self.contrast)
+        spacing = max(1, (hi - lo) // (len(known) + 1))
+        out = []
+        for edge in self.edges(tie_margin):
+            out += _inner_positions(max(lo, edge - spacing), min(hi, edge + spacing), refine_steps)
+        return [p for p in out if p not in self.contrast]
+
+
+def _inner_positions(lo: int, hi: int, steps: int) -> list[int]:
+    """`steps` evenly spaced positions strictly between lo and hi."""
+    return sorted({int(round(v)) for v in np.linspace(lo, hi, steps + 2)[1:-1]} - {lo, hi})
+
+
+@dataclass
+class _ObjectFit:
+    frame: int
+    asset: int
+    seed: Box
+    window: Box
+    axes: list[_AxisProfile]
+
+    def box(self, tie_margin: float) -> Box:
+        (x1, x2), (y1, y2) = (a.edges(tie_margin) if a.contrast else (a.window[a.axis], a.window[a.axis + 2])
+                              for a in self.axes)
+        return x1, y1, x2, y2
+
+
+def _seed(state: _FrameRegions, k: int, search: RegionSearch) -> tuple[Box, float] | None:
+    """The region to grow the object's box from: the smallest one within `tie_margin` of
+    the best score (a large crop of mostly neutral background can score as high as a
+    tight one), when the best comes within `seed_margin` of the threshold."""
+    best = _best(state, k)
+    if best is None or best[1] < search.threshold - search.seed_margin:
+        return None
+    close = [b for b, row in zip(state.boxes, state.scores) if row[k] >= best[1] - search.tie_margin]
+    return min(close, key=area), best[1]
+
+
+def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSearch, embed_images, ref_matrix) -> tuple[list, int]:
+    """Fit each seeded asset's box to the object (see `_AxisProfile`), both axes at once,
+    one embedding round per refinement. Returns [(frame, asset, box, seed score)] and the
+    forwards spent."""
+    fits = []
+    for f, state in enumerate(states):
+        height, width = state.frame.image.shape[:2]
+        for k in range(n_assets):
+            seeded = _seed(state, k, search)
+            if seeded is not None:
+                window = _window(seeded[0], search.extent_reach, width, height)
+                fits.append((_ObjectFit(f, k, seeded[0], window, [_AxisProfile(0, window), _AxisProfile(1, window)]),
+                             seeded[1]))
+    forwards = 0
+    for _ in range(search.extent_rounds):
+        plans = [(fit, axis, axis.next_positions(search.extent_steps, search.refine_steps, search.tie_margin))
+                 for fit, _ in fits for axis in fit.axes]
+        requests = _per_frame(states, {(fit.frame, id(axis)): [b for p in positions for b in axis.parts(p)]
+                                       for fit, axis, positions in plans})
+        forwards += _embed_round(states, requests, embed_images, ref_matrix)
+        for fit, axis, positions in plans:
+            state = states[fit.frame]
+            for p in positions:
+                axis.contrast[p] = _part_score(state, axis.parts(p)[1], fit.asset) - _part_score(state, axis.parts(p)[0], fit.asset)
+    boxes = {(fit.frame, id(fit)): [fit.box(search.tie_margin)] for fit, _ in fits}
+    forwards += _embed_round(states, _per_frame(states, boxes), embed_images, ref_matrix)
+    return [(fit.frame, fit.asset, fit.box(search.tie_margin), seed_score) for fit, seed_score in fits], forwards
+
+
+def _part_score(state: _FrameRegions, box: Box, k: int) -> float:
+    """An empty part holds nothing of the object."""
+    return state.score_of(box, k) if area(box) > 0 else 0.0
+
+
+def _per_frame(states, boxes_by_key: dict) -> list[list[Box]]:
+    requests = [[] for _ in states]
+    for (f, _), boxes in boxes_by_key.items():
+        requests[f] += boxes
+    return requests
+
+
+def _search_regions(states, search: RegionSearch, embed_images, ref_matrix) -> int:
+    """Embed the whole frame and a grid: every scale, or only the coarse ones (the edge
+    search around each seed is then the fine stage)."""
+    scales, overlap = ((search.coarse_scales, search.coarse_overlap) if search.coarse_to_fine
+                       else (search.scales, search.overlap))
+    grids = [candidate_regions(s.frame.image.shape[1], s.frame.image.shape[0], scales, overlap) for s in states]
+    return _embed_round(states, grids, embed_images, ref_matrix)
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
@@ -121,59 +310,57 @@ def match_frames(
     frames: Sequence[FrameInput],
     references: Sequence[ReferenceAsset],
     embed_images: Callable[[list[np.ndarray]], np.ndarray],
-    *,
-    threshold: float,
-    scales: Sequence[float],
-    overlap: float,
-    vote_fraction: float,
-    tie_margin: float,
+    search: RegionSearch,
     frames_per_batch: int = 4,
-) -> list[Appearance]:
+) -> MatchOutcome:
     """Appearances of every reference asset in every frame (at most one per asset and frame).
 
-    Crops of a few frames are embedded together so batches stay full while memory stays
-    bounded by `frames_per_batch` frames' worth of crops.
+    A few frames are searched together so each round's crops go to the embedder in one
+    full batch while memory stays bounded by `frames_per_batch` frames.
     """
     if not frames or not references:
-        return []
+        return MatchOutcome([], 0, len(frames))
     ref_matrix = np.stack([r.vector for r in references]).astype(np.float32)
     found: list[Appearance] = []
+    forwards = 0
     for start in range(0, len(frames), frames_per_batch):
-        chunk = frames[start : start + frames_per_batch]
-        regions = [candidate_regions(f.image.shape[1], f.image.shape[0], scales, overlap) for f in chunk]
-        crops = [crop(f.image, box) for f, boxes in zip(chunk, regions) for box in boxes]
-        vectors = embed_images(crops)
-        offset = 0
-        for frame, boxes in zip(chunk, regions):
-            frame_vectors = vectors[offset : offset + len(boxes)]
-            offset += len(boxes)
-            similarity = frame_vectors @ ref_matrix.T  # (regions, assets)
-            for k, ref in enumerate(references):
-                located = locate(boxes, similarity[:, k], threshold, vote_fraction, tie_margin)
-                if located is None:
-                    continue
-                box, index = located
-                found.append(
-                    Appearance(
-                        asset_id=ref.asset_id,
-                        asset_code=ref.code,
-                        scene_index=frame.scene_index,
-                        frame_index=frame.frame_index,
-                        timestamp_sec=frame.timestamp_sec,
-                        bbox=box,
-                        confidence=float(similarity[:, k].max()),
-                        embedding=frame_vectors[index],
-                    )
-                )
-    return found
+        states = [_FrameRegions(f) for f in frames[start : start + frames_per_batch]]
+        forwards += _search_regions(states, search, embed_images, ref_matrix)
+        fitted, extra = fit_boxes(states, len(references), search, embed_images, ref_matrix)
+        forwards += extra
+        for f, k, box, seed_score in fitted:
+            confidence = max(seed_score, states[f].score_of(box, k))
+            if confidence >= search.threshold:
+                found.append(_appearance(states[f], references[k], box, confidence))
+    return MatchOutcome(found, forwards, len(frames))
+
+
+def _appearance(state: _FrameRegions, ref: ReferenceAsset, box: Box, confidence: float) -> Appearance:
+    """The appearance's vector is the fitted box's: it stands for the whole object."""
+    frame = state.frame
+    return Appearance(
+        asset_id=ref.asset_id,
+        asset_code=ref.code,
+        scene_index=frame.scene_index,
+        frame_index=frame.frame_index,
+        timestamp_sec=frame.timestamp_sec,
+        bbox=box,
+        confidence=confidence,
+        embedding=state.vector_of(box),
+    )
 
 
 @dataclass
 class AssetScore:
+    """Frame-level counts for one asset, and how well its boxes cover the object: the mean
+    IoU of each predicted box with the true box, over the frames where both exist."""
+
     code: str
     true_positives: int = 0
     predicted: int = 0
     actual: int = 0
+    boxes_compared: int = 0
+    iou_sum: float = 0.0
 
     @property
     def precision(self) -> float | None:
@@ -183,6 +370,10 @@ class AssetScore:
     def recall(self) -> float | None:
         return self.true_positives / self.actual if self.actual else None
 
+    @property
+    def mean_iou(self) -> float | None:
+        return self.iou_sum / self.boxes_compared if self.boxes_compared else None
+
 
 def evaluate_against_truth(
     appearances: Sequence[Appearance],
@@ -191,7 +382,7 @@ def evaluate_against_truth(
     codes: Sequence[str],
     min_iou: float,
 ) -> dict[str, AssetScore]:
-    """Precision and recall per asset over the sampled frames.
+    """Precision, recall and mean box IoU per asset over the sampled frames.
 
     `truth[(scene, frame)]` maps each visible asset code to its box. A predicted
     appearance is a true positive when the asset is visible in that frame and the
@@ -208,6 +399,11 @@ def evaluate_against_truth(
             continue
         score.predicted += 1
         gt_box = truth.get((app.scene_index, app.frame_index), {}).get(app.asset_code)
-        if gt_box is not None and iou(app.bbox, gt_box) >= min_iou:
+        if gt_box is None:
+            continue
+        overlap = iou(app.bbox, gt_box)
+        score.boxes_compared += 1
+        score.iou_sum += overlap
+        if overlap >= min_iou:
             score.true_positives += 1
     return scores

@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from cv_assets.analysis import faces
-from cv_assets.analysis.appearances import Appearance, FrameInput, ReferenceAsset, candidate_regions, match_frames
+from cv_assets.analysis.appearances import Appearance, FrameInput, ReferenceAsset, RegionSearch, match_frames
 from cv_assets.settings import AppearanceSettings, CvAnalysisSettings
 
 EmbedImages = Callable[[list[np.ndarray]], np.ndarray]
@@ -60,27 +60,34 @@ class _Source:
 
 @dataclass
 class ClipMatchSource(_Source):
-    """Whole frame plus multi-scale crops, embedded and compared with each reference vector."""
+    """Whole frame plus crops (coarse to fine, or the exhaustive grid), embedded and compared
+    with each reference vector; each match's box is fitted to the object."""
 
     embed_images: EmbedImages | None = None
-    threshold: float = 0.65
-    scales: Sequence[float] = (1.0, 0.6, 0.4, 0.25)
-    overlap: float = 0.5
-    vote_fraction: float = 0.7
-    tie_margin: float = 0.03
+    search: RegionSearch = field(default_factory=lambda: RegionSearch(threshold=0.65))
     name: str = "clip_match"
     regions_embedded: int = field(default=0, init=False)
+    frames_searched: int = field(default=0, init=False)
+
+    @property
+    def threshold(self) -> float:
+        return self.search.threshold
+
+    @property
+    def forwards_per_frame(self) -> float:
+        """Crops embedded per frame (the whole frame counts as one): the cost that matters."""
+        return self.regions_embedded / self.frames_searched if self.frames_searched else 0.0
 
     def find(self, frames, references):
-        self.regions_embedded = sum(len(candidate_regions(f.image.shape[1], f.image.shape[0], self.scales, self.overlap))
-                                    for f in frames) if references else 0
-        found = match_frames(frames, references, self.embed_images, threshold=self.threshold, scales=self.scales,
-                             overlap=self.overlap, vote_fraction=self.vote_fraction, tie_margin=self.tie_margin)
-        self.found = len(found)
-        return found
+        outcome = match_frames(frames, references, self.embed_images, self.search)
+        self.regions_embedded, self.frames_searched = outcome.forwards, outcome.frames
+        self.found = len(outcome.appearances)
+        return outcome.appearances
 
     def detail(self) -> str:
-        return f"threshold {self.threshold}, {self.regions_embedded} regions embedded"
+        mode = "coarse to fine" if self.search.coarse_to_fine else "exhaustive grid"
+        return (f"threshold {self.threshold}, {mode}, {self.regions_embedded} regions embedded "
+                f"({self.forwards_per_frame:.1f} per frame)")
 
 
 def missing_model_files(paths: dict[str, Path | None]) -> str | None:
@@ -205,6 +212,17 @@ def find_appearances(sources: Sequence[AppearanceSource], frames: Sequence[Frame
     return [a for source in sources if source.enabled for a in source.find(frames, references)]
 
 
+def region_search(appearances: AppearanceSettings, threshold: float) -> RegionSearch:
+    """The clip_match search the `appearances` settings describe, at the embedder's threshold."""
+    return RegionSearch(
+        threshold=threshold, scales=tuple(appearances.region_scales), overlap=appearances.region_overlap,
+        coarse_to_fine=appearances.coarse_to_fine, coarse_scales=tuple(appearances.coarse_scales),
+        coarse_overlap=appearances.coarse_overlap, seed_margin=appearances.seed_margin,
+        extent_reach=appearances.extent_reach, extent_steps=appearances.extent_steps,
+        refine_steps=appearances.refine_steps, extent_rounds=appearances.extent_rounds,
+        tie_margin=appearances.tie_margin)
+
+
 def build_sources(
     appearances: AppearanceSettings,
     cv: CvAnalysisSettings,
@@ -220,9 +238,7 @@ def build_sources(
     if face.enabled:
         face.reference_images = reference_images()
     return [
-        ClipMatchSource(embed_images=embed_images, threshold=threshold, scales=appearances.region_scales,
-                        overlap=appearances.region_overlap, vote_fraction=appearances.vote_fraction,
-                        tie_margin=appearances.tie_margin),
+        ClipMatchSource(embed_images=embed_images, search=region_search(appearances, threshold)),
         face,
         YoloSource(weights=appearances.yolo_weights, embed_images=embed_images, threshold=threshold),
     ]
