@@ -125,6 +125,7 @@ def _run_all(settings, instance: DagsterInstance, stop: StopSignals, session: st
         return result
 
     keys = _register_projects(settings, db, instance, lines)
+    lines.append(_embedder_line(settings))
     for key in keys:
         started = time.perf_counter()
         result = execute("project_reprocess_job", partition_key=key)
@@ -151,6 +152,20 @@ def _run_all(settings, instance: DagsterInstance, stop: StopSignals, session: st
     lines.append(f"event backfill: {runs} run(s); " + (f"FAILED: {failure}" if failure else json.dumps(summary["events"])))
     summary["text"] = "\n".join(["cv_assets run summary", "=" * 21, *lines, "OK" if summary["ok"] else "SOME RUNS OR CLIPS FAILED"])
     return summary
+
+
+def _embedder_line(settings) -> str:
+    """Which embedder the runs use: model version, device, backend and precision (the
+    colour-histogram fallback says so here, not only on stderr)."""
+    from cv_assets.embedding import ModelUnavailableError, get_embedder
+
+    embedder = get_embedder(settings.embedder)
+    try:
+        described = embedder.describe()
+    except ModelUnavailableError as exc:
+        return f"embedder: unavailable: {printable(exc)}"
+    return (f"embedder: {described['family']} {described['model_version']} on {described['device']}, "
+            f"{described['backend']} {described['precision']}")
 
 
 def _register_projects(settings, db: AppDatabase, instance: DagsterInstance, lines: list[str]) -> list[str]:

@@ -71,6 +71,7 @@ def _metadata(report: RefreshReport, item_name: str, unchanged_since: str | None
         "embedder": embedder_label(report.model_version),
         "model_version": report.model_version,
         "device": report.device,
+        "backend": f"{report.backend} {report.precision}",
         "embedder_family": report.family,
         "failures": MetadataValue.md(markdown_table(["item", "reason"], report.failures.items(), limit=PREVIEW_ROWS))
         if report.failures else "none",
@@ -78,8 +79,11 @@ def _metadata(report: RefreshReport, item_name: str, unchanged_since: str | None
     }
 
 
-def _finish(context: AssetExecutionContext, app_db: AppDatabaseResource, report: RefreshReport, item_name: str) -> MaterializeResult:
+def _finish(context: AssetExecutionContext, app_db: AppDatabaseResource, report: RefreshReport, item_name: str,
+            root: str | None = None) -> MaterializeResult:
     note_embedder(context, report.model_version)
+    if root:  # table cells name files relative to the project folder
+        report.preview = [[label.removeprefix(f"{root.rstrip('/')}/"), *rest] for label, *rest in report.preview]
     done = processed_projects(app_db.get()).get(context.partition_key)
     return MaterializeResult(metadata=_metadata(report, item_name, done.run_id if done else None))
 
@@ -121,7 +125,7 @@ def reference_embeddings(
     save_reference_vectors(app_db.get(), project.key, project.assets, report.model_version, report.vectors, report.failures)
     for item, reason in report.failures.items():
         context.log.warning(f"reference image of {item} not embedded: {reason}")
-    return _finish(context, app_db, report, "asset")
+    return _finish(context, app_db, report, "asset", project.root_path)
 
 
 @project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"python", "duckdb"})
@@ -151,7 +155,7 @@ def frame_embeddings(context: AssetExecutionContext, app_db: AppDatabaseResource
 
 def _frame_input(project: str, row) -> EmbedInput:
     item_id = frame_item_id(project, row.scene_index, row.frame_index)
-    label = f"scene {int(row.scene_index)} frame {int(row.frame_index)} ({row.image_path})"
+    label = f"scene {int(row.scene_index)} frame {int(row.frame_index)}"  # short: the preview table's cell
     if not isinstance(row.image_path, str) or not row.image_path or not isinstance(row.content_hash, str):
         return EmbedInput(item_id, label, None, error=f"{label}: no frame file recorded (image_path {row.image_path!r})")
     return EmbedInput(item_id, label, row.content_hash, source=row.image_path)

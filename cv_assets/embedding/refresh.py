@@ -50,6 +50,8 @@ class RefreshReport:
     model_version: str
     family: str
     device: str
+    backend: str = "none"  # what ran the model (torch, openvino, numpy); "none" when nothing did
+    precision: str = "none"
     total: int = 0
     vectors: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)  # item id -> (digest, vector)
     kept: list[str] = field(default_factory=list)
@@ -121,7 +123,7 @@ def refresh_embeddings(inputs: Sequence[EmbedInput], stored: Mapping[str, Stored
     """Embed every input whose content or model changed; keep the rest."""
     # model_version loads the model: a missing model fails here, before anything is written.
     report = RefreshReport(model_version=embedder.model_version, family=embedder.family, device=embedder.device,
-                           total=len(inputs))
+                           backend=embedder.backend, precision=embedder.precision, total=len(inputs))
     todo = []
     for item in inputs:
         if item.error is not None:
