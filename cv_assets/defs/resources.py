@@ -46,12 +46,16 @@ class AppDatabaseResource(ConfigurableResource):
 
 
 class WarehouseResource(ConfigurableResource):
-    """The DuckDB warehouse; every access is a short locked transaction."""
+    """The warehouse: the DuckDB file (every access a short locked transaction), or a
+    DuckLake when `ducklake_catalog_url` is set (storage.warehouse ducklake; no lock)."""
 
     duckdb_path: str
+    ducklake_catalog_url: str | None = None
+    ducklake_data_path: str | None = None
 
     def get(self) -> Warehouse:
-        return Warehouse(self.duckdb_path)
+        return Warehouse(self.duckdb_path, ducklake_catalog_url=self.ducklake_catalog_url,
+                         ducklake_data_path=self.ducklake_data_path)
 
 
 class EmbedderResource(ConfigurableResource):
@@ -95,6 +99,11 @@ def build_resources(settings: Settings) -> dict:
     return {
         "settings": SettingsResource.from_settings(settings),
         "app_db": AppDatabaseResource(database_url=settings.storage.database_url),
-        "warehouse": WarehouseResource(duckdb_path=str(settings.storage.duckdb_path)),
+        "warehouse": WarehouseResource(
+            duckdb_path=str(settings.storage.duckdb_path),
+            **({"ducklake_catalog_url": settings.storage.ducklake_catalog_url,
+                "ducklake_data_path": settings.storage.ducklake_data_path}
+               if settings.storage.warehouse == "ducklake" else {}),
+        ),
         "embedder": EmbedderResource.from_settings(settings.embedder),
     }

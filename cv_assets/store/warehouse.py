@@ -1,6 +1,18 @@
 """The DuckDB warehouse: clips, sampled frames, frame embeddings, continuity history.
 
-DuckDB allows one writing process per file, and a process cannot even open the file
+Two backends behind one small class (`storage.warehouse`):
+
+- `duckdb` (default): a local DuckDB file, as described below.
+- `ducklake`: DuckDB with a DuckLake catalog in PostgreSQL (`storage.ducklake_catalog_url`)
+  and Parquet data files under `storage.ducklake_data_path` (a shared folder or an object
+  store). Many processes on many machines write at once through their own in-memory DuckDB;
+  the catalog's transactions keep partitions whole, so no file lock is taken. The
+  extensions are installed offline from the `duckdb-extension-ducklake` and
+  `duckdb-extension-postgres` pip packages. DuckLake has no PRIMARY KEY constraints and no
+  fixed-size arrays: the same schema is created without them and with `FLOAT[]` vectors
+  (the replace-a-partition writes are what keeps keys unique).
+
+The local file: DuckDB allows one writing process per file, and a process cannot even open the file
 read-only while another holds it read-write. So no caller ever holds a connection
 while computing: every read and write opens the file for one short transaction under
 a cross-process file lock (shared for reads, exclusive for writes) and closes it.
@@ -10,6 +22,10 @@ open is retried with backoff before a clear error is raised.
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import threading
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -101,26 +117,138 @@ LOCK_ERRORS = ("Could not set lock", "Conflicting lock", "database is locked")
 CORRUPT_ERRORS = ("not a valid DuckDB database", "Corrupt database file", "checksum", "is not a DuckDB")
 
 
+# A concurrent DuckLake commit touched the same table: the whole write is retried.
+CONFLICT_ERRORS = ("Transaction conflict", "conflict")
+CONFLICT_RETRIES = 20
+
+
 class WarehouseError(RuntimeError):
     pass
 
 
-class Warehouse:
-    """Short, locked transactions on one DuckDB file."""
+def ducklake_schema(schema: str = SCHEMA) -> list[str]:
+    """SCHEMA as DuckLake takes it: no PRIMARY KEY clauses, `FLOAT[]` for `FLOAT[512]`, and
+    without the upgrade statements a new table does not need."""
+    # The comma before the clause goes too (a comment may sit between them).
+    schema = re.sub(r",([ \t]*--[^\n]*)?\s*PRIMARY KEY\s*\([^)]*\)", lambda m: m.group(1) or "", schema)
+    schema = schema.replace(f"FLOAT[{EMBEDDING_DIM}]", "FLOAT[]")
+    statements = [s.strip() for s in schema.split(";")]
+    return [s for s in statements if s and "DROP NOT NULL" not in s]
 
-    def __init__(self, path: str | Path, *, open_timeout_sec: float = 60.0):
+
+def duckdb_extension_file(name: str) -> str:
+    """The extension file a `duckdb-extension-<name>` pip package ships for this DuckDB."""
+    import importlib
+
+    try:
+        package = importlib.import_module(f"duckdb_extension_{name}")
+    except ImportError:
+        raise WarehouseError(
+            f"storage.warehouse ducklake needs the {name} DuckDB extension: pip install "
+            f"duckdb-extension-{name}=={duckdb.__version__} (or cv_assets[deploy])") from None
+    folder = os.path.join(os.path.dirname(package.__file__), "extensions")
+    wanted = os.path.join(folder, f"v{duckdb.__version__}", f"{name}.duckdb_extension")
+    if os.path.isfile(wanted):
+        return wanted
+    found = glob.glob(os.path.join(folder, "*", f"{name}.duckdb_extension"))
+    raise WarehouseError(
+        f"duckdb-extension-{name} ships {', '.join(found) or 'no extension'} but DuckDB is {duckdb.__version__}: "
+        f"install duckdb-extension-{name}=={duckdb.__version__}")
+
+
+class DuckLake:
+    """One process's attachment to a DuckLake: an in-memory DuckDB with the catalog attached
+    as `lake`. Made once per process (and again after a fork); each use takes a cursor."""
+
+    _attached: dict[tuple[str, str, int], duckdb.DuckDBPyConnection] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, catalog_url: str, data_path: str):
+        self.catalog_url = catalog_url.replace("postgresql+psycopg://", "postgresql://")
+        self.data_path = data_path
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        key = (self.catalog_url, self.data_path, os.getpid())
+        with self._guard:
+            base = self._attached.get(key)
+            if base is None:
+                base = self._attached[key] = self._attach()
+        cursor = base.cursor()
+        cursor.execute("USE lake")
+        return cursor
+
+    def _attach(self) -> duckdb.DuckDBPyConnection:
+        if "://" not in self.data_path:
+            os.makedirs(self.data_path, exist_ok=True)
+        con = duckdb.connect()
+        for name in ("ducklake", "postgres"):
+            con.execute(f"INSTALL '{duckdb_extension_file(name)}'")
+            con.execute(f"LOAD {name}")
+        try:
+            con.execute(f"ATTACH 'ducklake:postgres:{self.catalog_url}' AS lake (DATA_PATH '{self.data_path}')")
+        except duckdb.Error as exc:
+            con.close()
+            raise WarehouseError(f"could not attach the DuckLake catalog {self.catalog_url.split('@')[-1]} "
+                                 f"(data files {self.data_path}): {exc}") from None
+        return con
+
+
+class Warehouse:
+    """Short transactions on one DuckDB file (under a file lock) or on a DuckLake (no lock)."""
+
+    def __init__(self, path: str | Path, *, open_timeout_sec: float = 60.0,
+                 ducklake_catalog_url: str | None = None, ducklake_data_path: str | Path | None = None):
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.open_timeout_sec = open_timeout_sec
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lake = DuckLake(ducklake_catalog_url, str(ducklake_data_path or self.path.with_suffix(".ducklake"))) \
+            if ducklake_catalog_url else None
+        if self.lake is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._ensure_schema()
 
+    @classmethod
+    def from_settings(cls, storage) -> "Warehouse":
+        """The warehouse `storage` (StorageSettings) names: the DuckDB file or the DuckLake."""
+        if storage.warehouse == "ducklake":
+            return cls(storage.duckdb_path, ducklake_catalog_url=storage.ducklake_catalog_url,
+                       ducklake_data_path=storage.ducklake_data_path)
+        return cls(storage.duckdb_path)
+
     def _ensure_schema(self) -> None:
+        if self.lake is None:
+            with self.transaction() as con:
+                con.execute(SCHEMA)
+            return
+        # Processes creating the same tables at once: one commit wins, the others see its tables.
+        self._retry_conflicts(lambda: self._create_lake_tables())
+
+    def _create_lake_tables(self) -> None:
         with self.transaction() as con:
-            con.execute(SCHEMA)
+            for statement in ducklake_schema():
+                con.execute(statement)
+
+    def _retry_conflicts(self, write):
+        delay = 0.02
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                return write()
+            except (duckdb.Error, WarehouseError) as exc:
+                if self.lake is None or attempt == CONFLICT_RETRIES - 1 \
+                        or not any(m in str(exc) for m in CONFLICT_ERRORS):
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     @contextmanager
     def _connect(self, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+        if self.lake is not None:
+            con = self.lake.cursor()
+            try:
+                yield con
+            finally:
+                con.close()
+            return
         if held_by_this_thread(self.lock_path):
             raise WarehouseError(
                 f"nested access to DuckDB warehouse {self.path}: this thread is already inside "
@@ -195,16 +323,23 @@ class Warehouse:
         one transaction (so related tables never disagree)."""
         for table in tables:
             _check_table(table)
-        inserted = 0
-        with self.transaction() as con:
-            for table, rows in tables.items():
-                con.execute(f"DELETE FROM {table} WHERE project = ?", [project])
-                inserted += self._insert(con, table, rows)
-        return inserted
+
+        def write() -> int:
+            inserted = 0
+            with self.transaction() as con:
+                for table, rows in tables.items():
+                    con.execute(f"DELETE FROM {table} WHERE project = ?", [project])
+                    inserted += self._insert(con, table, rows)
+            return inserted
+
+        return self._retry_conflicts(write)
 
     def append(self, table: str, rows: pd.DataFrame) -> int:
-        with self.transaction() as con:
-            return self._insert(con, table, rows)
+        def write() -> int:
+            with self.transaction() as con:
+                return self._insert(con, table, rows)
+
+        return self._retry_conflicts(write)
 
     @staticmethod
     def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pd.DataFrame) -> int:
