@@ -96,9 +96,10 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
                       app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """Where each reference asset appears: scene, frame, time, box, confidence and source.
 
-    Every configured appearance source runs over the sampled frames: clip_match compares
-    each asset's reference vector with the whole frame and with multi-scale crops;
-    face_match and yolo run when their models are configured. Replaces the project's rows
+    Every enabled appearance source runs over the sampled frames: clip_match compares each
+    asset's reference vector with the whole frame and with crops around likely regions;
+    face_match (dlib, installed with the faces extra; or YuNet/SFace when configured) finds
+    faces and matches them to the reference faces; yolo runs when its weights are configured. Replaces the project's rows
     in SQLite `asset_appearances` in one transaction.
     """
     cfg = settings.load()
