@@ -384,3 +384,31 @@ def test_embedding_failure_is_unique_per_item_and_model(app_db_url):
         with db.write() as session:
             session.add(EmbeddingFailure(item_kind="event", item_id="e1", model_version="m1", reason="again"))
     assert table_counts(db, ["embedding_failures"]) == {"embedding_failures": 2}
+
+
+def test_nearest_event_vectors_use_the_hnsw_index(postgres_url):
+    import numpy as np
+
+    from cv_assets.store.events import has_vector_index, nearest_event_vectors
+    from cv_assets.store.vectors import vector_to_json
+
+    db = AppDatabase(postgres_url)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 512)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with db.write() as session:
+        for i, vector in enumerate(vectors):
+            session.add(Event(id=f"e{i:02d}", camera_id="c", started_at=datetime(2026, 11, 1, 8, i)))
+            session.add(EventEmbedding(event_id=f"e{i:02d}", embedding=vector_to_json(vector), model_version="m1"))
+    with db.read() as session:
+        assert has_vector_index(session)
+        hits = nearest_event_vectors(session, "m1", vectors[7], 3, ef_search=100)
+        assert not nearest_event_vectors(session, "other", vectors[7], 3)
+        session.execute(text("SET LOCAL enable_seqscan = off"))  # 50 rows: the planner would rather scan
+        plan = "\n".join(session.execute(text(
+            "EXPLAIN SELECT event_id FROM event_embeddings ORDER BY embedding_vector <=> "
+            f"'{vector_to_json(vectors[7])}'::vector LIMIT 3")).scalars())
+    exact = np.argsort(-(vectors @ vectors[7]))[:3]
+    assert [h[0] for h in hits] == [f"e{i:02d}" for i in exact]
+    assert abs(hits[0][1] - 1.0) < 1e-5
+    assert "ix_event_embeddings_vector_hnsw" in plan

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, or_, select
+from sqlalchemy import and_, delete, func, insert, or_, select, text
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -311,3 +311,33 @@ def iter_vector_rows(session: Session, model_version: str, after_id: int, chunk_
     result = session.execute(query)
     while chunk := result.fetchmany(chunk_rows):
         yield chunk
+
+
+# ---------------------------------------------------------------- pgvector (PostgreSQL only)
+
+
+def has_vector_index(session: Session) -> bool:
+    """Whether event vectors also live in pgvector's `embedding_vector` (migration 0004 on
+    PostgreSQL with the extension); False on SQLite."""
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    query = text("SELECT 1 FROM information_schema.columns WHERE table_name = 'event_embeddings' "
+                 "AND column_name = 'embedding_vector' AND table_schema = current_schema()")
+    return session.execute(query).first() is not None
+
+
+def nearest_event_vectors(
+    session: Session, model_version: str, query: np.ndarray, limit: int, *, ef_search: int | None = None
+) -> list[tuple[str, float]]:
+    """(event_id, cosine similarity) of the `limit` nearest vectors of `model_version`, from
+    the HNSW index (approximate). `ef_search` widens the graph search (pgvector's default 40)."""
+    if ef_search is not None:
+        session.execute(text(f"SET LOCAL hnsw.ef_search = {int(ef_search)}"))
+    rows = session.execute(
+        text("SELECT event_id, 1 - (embedding_vector <=> CAST(:q AS vector)) AS similarity FROM event_embeddings "
+             "WHERE model_version = :version AND embedding_vector IS NOT NULL "
+             "ORDER BY embedding_vector <=> CAST(:q AS vector) LIMIT :limit"),
+        {"q": vector_to_json(query), "version": model_version, "limit": int(limit)},
+    )
+    return [(event_id, float(similarity)) for event_id, similarity in rows]
+
