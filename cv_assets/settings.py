@@ -186,15 +186,14 @@ class AppearanceSettings(_Section):
     # coarse region comes within seed_margin of its threshold is searched further.
     coarse_to_fine: bool = True
     coarse_scales: list[Annotated[float, Field(gt=0.0, le=1.0)]] = [0.6]
-    coarse_overlap: float = Field(0.5, ge=0.0, lt=1.0)
-    seed_margin: Fraction = 0.3
+    coarse_overlap: float = Field(0.25, ge=0.0, lt=1.0)
+    seed_margin: Fraction = 0.45
     # Box fit around a seed: a window grown by extent_reach (share of the shorter side) on
-    # each side; each axis is split at extent_steps positions, then refine_steps around
-    # each edge found, for extent_rounds rounds in all (each round is one batch).
+    # each side; each axis is split at extent_steps even positions, then each edge is
+    # bisected once per further round, for extent_rounds rounds (one embedding batch each).
     extent_reach: Fraction = 0.3
-    extent_steps: int = Field(4, ge=1, le=32)
-    refine_steps: int = Field(2, ge=1, le=32)
-    extent_rounds: int = Field(2, ge=1, le=8)
+    extent_steps: int = Field(3, ge=1, le=32)
+    extent_rounds: int = Field(3, ge=1, le=8)
     # Scores this close count as equal: the tightest region or edge among them wins.
     tie_margin: Fraction = 0.03
     # A ground-truth match needs at least this IoU (precision/recall against ground truth).

@@ -106,12 +106,11 @@ class RegionSearch:
     overlap: float = 0.5
     coarse_to_fine: bool = True
     coarse_scales: Sequence[float] = (0.6,)
-    coarse_overlap: float = 0.5
-    seed_margin: float = 0.3
+    coarse_overlap: float = 0.25
+    seed_margin: float = 0.45
     extent_reach: float = 0.3
-    extent_steps: int = 4
-    refine_steps: int = 2
-    extent_rounds: int = 2
+    extent_steps: int = 3
+    extent_rounds: int = 3
     tie_margin: float = 0.03
 
 
@@ -209,16 +208,18 @@ class _AxisProfile:
         end = min(p for p, c in self.contrast.items() if c <= bottom + tie_margin) if bottom < -tie_margin else hi
         return (start, end) if start < end else (lo, hi)
 
-    def next_positions(self, steps: int, refine_steps: int, tie_margin: float) -> list[int]:
+    def next_positions(self, steps: int, tie_margin: float) -> list[int]:
+        """First `steps` even splits; then, for each edge, the midpoint towards the
+        neighbouring split on the object's side (where the change lies): a bisection."""
         lo, hi = self.window[self.axis], self.window[self.axis + 2]
         if not self.contrast:
             return _inner_positions(lo, hi, steps)
         known = sorted(self.contrast)
-        spacing = max(1, (hi - lo) // (len(known) + 1))
-        out = []
-        for edge in self.edges(tie_margin):
-            out += _inner_positions(max(lo, edge - spacing), min(hi, edge + spacing), refine_steps)
-        return [p for p in out if p not in self.contrast]
+        start, end = self.edges(tie_margin)
+        inner_of_start = min((p for p in known if p > start), default=hi)
+        inner_of_end = max((p for p in known if p < end), default=lo)
+        probes = {(start + inner_of_start) // 2, (inner_of_end + end) // 2}
+        return sorted(p for p in probes if lo < p < hi and p not in self.contrast)
 
 
 def _inner_positions(lo: int, hi: int, steps: int) -> list[int]:
@@ -266,7 +267,7 @@ def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSear
                              seeded[1]))
     forwards = 0
     for _ in range(search.extent_rounds):
-        plans = [(fit, axis, axis.next_positions(search.extent_steps, search.refine_steps, search.tie_margin))
+        plans = [(fit, axis, axis.next_positions(search.extent_steps, search.tie_margin))
                  for fit, _ in fits for axis in fit.axes]
         requests = _per_frame(states, {(fit.frame, id(axis)): [b for p in positions for b in axis.parts(p)]
                                        for fit, axis, positions in plans})

@@ -219,7 +219,7 @@ def region_search(appearances: AppearanceSettings, threshold: float) -> RegionSe
         coarse_to_fine=appearances.coarse_to_fine, coarse_scales=tuple(appearances.coarse_scales),
         coarse_overlap=appearances.coarse_overlap, seed_margin=appearances.seed_margin,
         extent_reach=appearances.extent_reach, extent_steps=appearances.extent_steps,
-        refine_steps=appearances.refine_steps, extent_rounds=appearances.extent_rounds,
+        extent_rounds=appearances.extent_rounds,
         tie_margin=appearances.tie_margin)
 
 

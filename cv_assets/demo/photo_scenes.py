@@ -167,3 +167,40 @@ def demo_set(root: Path, scene_seconds: float = 3.0) -> BoxQualitySet:
     references = {a.code: load_image(manifest.reference_path(a)) for a in manifest.spec.assets}
     truth = load_ground_truth(summary.ground_truth_path)
     return BoxQualitySet("demo", frames, references, truth)
+
+
+@dataclass(frozen=True)
+class SetQuality:
+    """Per-asset scores of one search over one set, the micro averages and the cost."""
+
+    scores: dict  # code -> AssetScore
+    forwards_per_frame: float
+
+    @property
+    def precision(self) -> float:
+        predicted = sum(s.predicted for s in self.scores.values())
+        return sum(s.true_positives for s in self.scores.values()) / predicted if predicted else 0.0
+
+    @property
+    def recall(self) -> float:
+        actual = sum(s.actual for s in self.scores.values())
+        return sum(s.true_positives for s in self.scores.values()) / actual if actual else 0.0
+
+    @property
+    def mean_iou(self) -> float:
+        """Mean over the assets that were predicted where visible (each asset counts once)."""
+        values = [s.mean_iou for s in self.scores.values() if s.mean_iou is not None]
+        return sum(values) / len(values) if values else 0.0
+
+
+def evaluate_set(quality_set: BoxQualitySet, embedder, search, min_iou: float) -> SetQuality:
+    """Run `match_frames` over the set's frames with `embedder` and score it per asset."""
+    from cv_assets.analysis.appearances import ReferenceAsset, evaluate_against_truth, match_frames
+
+    codes = list(quality_set.references)
+    vectors = embedder.embed_images([quality_set.references[c] for c in codes])
+    references = [ReferenceAsset(i, code, vectors[i]) for i, code in enumerate(codes)]
+    outcome = match_frames(quality_set.frames, references, embedder.embed_images, search)
+    keys = [(f.scene_index, f.frame_index) for f in quality_set.frames]
+    scores = evaluate_against_truth(outcome.appearances, quality_set.truth, keys, codes, min_iou)
+    return SetQuality(scores, outcome.forwards_per_frame)
