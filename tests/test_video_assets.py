@@ -104,7 +104,7 @@ def test_materialising_a_project_writes_clips_frames_and_lossless_frame_files(en
     assert "| 0 | ok | 7 | 0 (base), 30 (motion), 50 (base)" in meta["frames_table"].value
     clip_meta = materialization(result, "video_clips").metadata
     assert clip_meta["scenes"].value == 2 and clip_meta["frames_decoded"].value == 290
-    assert "| 1 | ok | h264 | 320x180 | 30 | 90 / 90 | 3 |" in clip_meta["scenes_table"].value
+    assert "| 1 | ok | — | 0 (base), 45 (motion), 60 (base), 89 (last) | 90 / 90 | 3 | 320x180 | 30 | h264 |" in clip_meta["scenes_table"].value
 
 
 def test_each_clip_is_decoded_once_when_both_assets_run_together(env, monkeypatch):

@@ -8,6 +8,7 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetExecutionContext,
+    AssetRecordsFilter,
     MaterializeResult,
     MetadataValue,
 )
@@ -44,7 +45,6 @@ from cv_assets.store.embeddings import (
     stored_reference_vectors,
 )
 from cv_assets.store.frames import sampled_frame_rows
-from cv_assets.store.projects import processed_projects
 
 
 def _metadata(report: RefreshReport, item_name: str, unchanged_since: str | None) -> dict:
@@ -57,6 +57,7 @@ def _metadata(report: RefreshReport, item_name: str, unchanged_since: str | None
             "total": report.total,
             "embedder": embedder_label(report.model_version),
             "model_version": report.model_version,
+            "embedder_family": report.family,
             "preview": preview,
         }
     return {
@@ -79,13 +80,27 @@ def _metadata(report: RefreshReport, item_name: str, unchanged_since: str | None
     }
 
 
-def _finish(context: AssetExecutionContext, app_db: AppDatabaseResource, report: RefreshReport, item_name: str,
+def _finish(context: AssetExecutionContext, report: RefreshReport, item_name: str,
             root: str | None = None) -> MaterializeResult:
     note_embedder(context, report.model_version)
     if root:  # table cells name files relative to the project folder
         report.preview = [[label.removeprefix(f"{root.rstrip('/')}/"), *rest] for label, *rest in report.preview]
-    done = processed_projects(app_db.get()).get(context.partition_key)
-    return MaterializeResult(metadata=_metadata(report, item_name, done.run_id if done else None))
+    since = _last_written_by(context) if report.total and not report.embedded and not report.failed else None
+    metadata = _metadata(report, item_name, since)
+    if since:
+        metadata["unchanged_since_run"] = since
+    return MaterializeResult(metadata=metadata)
+
+
+def _last_written_by(context: AssetExecutionContext) -> str | None:
+    """The run that last wrote this partition's vectors: the previous materialisation's run,
+    or the run that one was itself unchanged since. None on a fresh instance."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=context.asset_key, asset_partitions=[context.partition_key]), limit=1).records
+    if not records:
+        return None
+    earlier = records[0].asset_materialization.metadata.get("unchanged_since_run")
+    return earlier.value if earlier is not None else records[0].run_id
 
 
 def _model_or_fail(embedder: EmbedderResource):
@@ -125,7 +140,7 @@ def reference_embeddings(
     save_reference_vectors(app_db.get(), project.key, project.assets, report.model_version, report.vectors, report.failures)
     for item, reason in report.failures.items():
         context.log.warning(f"reference image of {item} not embedded: {reason}")
-    return _finish(context, app_db, report, "asset", project.root_path)
+    return _finish(context, report, "asset", project.root_path)
 
 
 @project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"python", "duckdb"})
@@ -150,7 +165,7 @@ def frame_embeddings(context: AssetExecutionContext, app_db: AppDatabaseResource
                        report.failures, [i.item_id for i in inputs])
     for item, reason in report.failures.items():
         context.log.warning(f"frame {item} not embedded: {reason}")
-    return _finish(context, app_db, report, "frame")
+    return _finish(context, report, "frame")
 
 
 def _frame_input(project: str, row) -> EmbedInput:

@@ -85,7 +85,10 @@ class RecurringVisitorsConfig(Config):
 
 
 def _embedding_metadata(report: BackfillReport, fingerprint: str) -> dict:
+    rate = {"images_per_sec": MetadataValue.float(round(report.images_per_sec, 2))} if report.embedded else {}
     return {
+        "status": report.summary() if report.embedded or report.failed else
+        f"nothing to embed: every event has a vector for {report.model_version} or was given up",
         "embedder": embedder_label(report.model_version),
         "model_version": report.model_version,
         "embedder_fingerprint": fingerprint,
@@ -98,7 +101,7 @@ def _embedding_metadata(report: BackfillReport, fingerprint: str) -> dict:
         "remaining": report.remaining,
         "total_events": report.total_events,
         "coverage_pct": MetadataValue.float(round(report.coverage_pct, 2)),
-        "images_per_sec": MetadataValue.float(round(report.images_per_sec, 2)),
+        **rate,
         "preview": MetadataValue.md(outcomes_preview(report.outcomes, PREVIEW_ROWS)),
     }
 

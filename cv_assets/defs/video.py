@@ -76,7 +76,7 @@ def video_assets(
     rows = [{"project": project.key, "scene_index": index, **clip_record(r)} for index, r in results.items()]
     saved = save_sampled_frames(warehouse.get(), cfg.storage.frames_dir, project.key, rows,
                                 {index: r.frames for index, r in results.items()})
-    yield MaterializeResult(asset_key="video_clips", metadata=_clips_metadata(project.key, results))
+    yield MaterializeResult(asset_key="video_clips", metadata=_clips_metadata(project.key, results, project.root_path))
     yield MaterializeResult(asset_key="sampled_frames", metadata=_frames_metadata(project.key, results, saved))
 
 
@@ -96,13 +96,20 @@ def _num(value) -> str:
     return "-" if value is None else f"{value:.2f}".rstrip("0").rstrip(".")
 
 
-def _clips_metadata(project: str, results: dict[int, SamplingResult]) -> dict:
+def _relative(text: str | None, root: str) -> str:
+    """`text` with the project folder left out of the paths it names (short table cells)."""
+    return (text or "").replace(f"{root.rstrip('/')}/", "")
+
+
+def _clips_metadata(project: str, results: dict[int, SamplingResult], root: str) -> dict:
+    # What a reader looks for first (status and why, what was picked) before the stream details.
     table = markdown_table(
-        ["scene", "status", "codec", "size", "fps", "frames decoded / declared", "duration s", "picked (reasons)",
-         "decode ms", "reason"],
-        [[i, r.probe.status, r.probe.codec or "-", f"{r.probe.width}x{r.probe.height}" if r.probe.width else "-",
-          _num(r.probe.fps), f"{r.probe.decoded_frames} / {r.probe.declared_frames if r.probe.declared_frames is not None else '?'}",
-          _num(r.probe.duration_sec), _picked(r), f"{r.decode_ms:.0f}", r.probe.reason or ""] for i, r in results.items()],
+        ["scene", "status", "reason", "picked (reasons)", "frames decoded / declared", "duration s", "size", "fps",
+         "codec", "decode ms"],
+        [[i, r.probe.status, _relative(r.probe.reason, root) or "—", _picked(r),
+          f"{r.probe.decoded_frames} / {r.probe.declared_frames if r.probe.declared_frames is not None else '?'}",
+          _num(r.probe.duration_sec), f"{r.probe.width}x{r.probe.height}" if r.probe.width else "-", _num(r.probe.fps),
+          r.probe.codec or "-", f"{r.decode_ms:.0f}"] for i, r in results.items()],
         limit=PREVIEW_ROWS, noun="scenes",
     )
     statuses = [r.probe.status for r in results.values()]
@@ -117,7 +124,7 @@ def _clips_metadata(project: str, results: dict[int, SamplingResult]) -> dict:
         "decode_ms_total": MetadataValue.float(round(sum(r.decode_ms for r in results.values()), 1)),
         "failed_scenes": MetadataValue.md(markdown_table(
             ["scene", "status", "reason"],
-            [[i, r.probe.status, r.probe.reason] for i, r in results.items() if r.probe.status != "ok"]))
+            [[i, r.probe.status, _relative(r.probe.reason, root)] for i, r in results.items() if r.probe.status != "ok"]))
         if any(s != "ok" for s in statuses) else "none",
         "scenes_table": MetadataValue.md(table),
     }
