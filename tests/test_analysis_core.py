@@ -174,3 +174,17 @@ def test_continuity_components_and_review_flag():
     assert s2.score == pytest.approx(10 * 0.5 * (1 / 3), abs=0.01)
     assert s2.needs_review and any("needs_review" in r for r in s2.reasons)
     assert any("missing: B, C" in r for r in s2.reasons)
+
+
+def test_clip_match_source_reports_forwards_per_frame_from_settings():
+    from cv_assets.analysis.sources import build_sources
+    from cv_assets.settings import AppearanceSettings, CvAnalysisSettings
+
+    settings = AppearanceSettings(thresholds={"colour": 0.5})
+    (clip, *_) = build_sources(settings, CvAnalysisSettings(), colour_embed, "colour", lambda: {})
+    assert clip.search.coarse_to_fine and clip.threshold == 0.5
+    frames = [FrameInput(0, i, float(i), frame_with([((100, 50, 300, 300), RED)])) for i in range(2)]
+    found = clip.find(frames, [ReferenceAsset(1, "CHAR_01", unit(0))])
+    assert len(found) == 2 and clip.frames_searched == 2
+    assert clip.forwards_per_frame == clip.regions_embedded / 2 > 0
+    assert f"{clip.forwards_per_frame:.1f} per frame" in clip.describe() and "coarse to fine" in clip.describe()

@@ -4,9 +4,12 @@ coarse-to-fine search against the exhaustive grid on the same frames.
 
 The real-photo set (cv_assets/demo/photo_scenes.py) pastes photographs that
 scikit-image and matplotlib ship onto others and pans/zooms a camera over them, so every
-frame's true box is known; references are the object photos themselves. Figures measured
-when this was written are in benchmarks/quality.py's output; the floors below leave a
-small margin under them.
+frame's true box is known; references are the object photos themselves.
+
+Measured when this was written (benchmarks/quality.py --quick, micro over assets):
+demo exhaustive P/R 1.00/1.00, mean IoU 0.57; coarse to fine 1.00/1.00, 0.59 at 55
+forwards per frame; real photos exhaustive 0.96/0.96, 0.57; coarse to fine 0.98/0.94,
+0.61 at 81 forwards per frame.
 """
 
 import pytest
@@ -63,8 +66,9 @@ def test_coarse_to_fine_is_no_worse_than_the_exhaustive_grid(results, name):
     assert fast.forwards_per_frame < full.forwards_per_frame / 2
 
 
-def test_coarse_to_fine_recall(results):
-    # The demo meets the guard; on real photos a small object at the frame's edge can stay
-    # under the seed level in every coarse crop (measured 0.83 vs 0.91 exhaustive).
-    assert results[("demo", True)].recall >= min(MIN_PR, results[("demo", False)].recall - GUARD)
-    assert results[("real", True)].recall >= 0.8
+def test_coarse_to_fine_recall_is_no_worse_than_the_exhaustive_grid(results):
+    # On real photos a small object cut by the frame's edge can stay under the seed level in
+    # every coarse crop (measured 0.94 vs 0.96 exhaustive; the astronaut alone 0.83 vs 0.92).
+    for name in ("demo", "real"):
+        fast, full = results[(name, True)], results[(name, False)]
+        assert fast.recall >= min(MIN_PR, full.recall - GUARD), (name, fast.recall, full.recall)
