@@ -205,7 +205,7 @@ def _scene_section(scene_index, result, frames, by_frame, colours) -> str:
 
 # The pictures project_report puts in its metadata (small JPEGs, so the UI shows them inline).
 SHEET_THUMB_WIDTH = 240
-SHEET_COLUMNS = 4
+SHEET_COLUMNS = 3
 CAPTION_HEIGHT = 18
 REVIEW_RED = (200, 0, 0)
 OK_GREEN = (0, 120, 0)
@@ -286,7 +286,7 @@ def timeline_image(appearances: Sequence[Appearance], continuity: Sequence[Scene
                 draw.rectangle(box, outline=REVIEW_RED, width=2)
                 draw.text((box[0] + 6, y + 8), "missing", fill=REVIEW_RED, font=font)
             else:
-                draw.text((box[0] + 6, y + 8), "—", fill=grey, font=font)
+                draw.text((box[0] + 6, y + 8), "-", fill=grey, font=font)  # (the default font has no em dash)
     for row in range(len(codes) + 3):
         draw.line((0, row * row_h, image.width, row * row_h), fill=grey)
     for col in range(len(scenes) + 1):
