@@ -159,3 +159,33 @@ def test_sensor_requests_a_new_run_when_the_embedder_changes(env, tmp_path):
     switched.embedder.model = str(tmp_path / "another-model")
     after = _tick(instance, {**resources, "settings": SettingsResource.from_settings(switched)}).run_requests[0].run_key
     assert after != before and after.split(":")[:2] == before.split(":")[:2]
+
+
+def test_sensor_skips_projects_a_finished_run_processed_whoever_ran_it(env):
+    """`make run` (or a UI launch) records what project_report finished; the sensor then
+    launches nothing for that manifest and embedder, and says why. An edit launches again."""
+    from cv_assets.events.backfill import embedder_fingerprint
+    from cv_assets.store.projects import processed_projects, record_processed
+
+    settings, resources = env
+    root = settings.storage.projects_root
+    instance = DagsterInstance.ephemeral()
+    write_project(root, "alpha")
+    write_project(root, "beta")
+    assert len(_tick(instance, resources).run_requests) == 2
+    db = AppDatabase(settings.storage.sqlite_url)
+    model = embedder_fingerprint(settings.embedder)
+    assert record_processed(db, "alpha", model, "run-1") == "run-1"
+    assert record_processed(db, "alpha", model, "run-2") == "run-1"  # nothing changed since run-1
+    assert [r.partition_key for r in _tick(instance, resources).run_requests] == ["beta"]
+
+    record_processed(db, "beta", model, "run-3")
+    skipped = _tick(instance, resources)
+    assert skipped.run_requests == []
+    assert skipped.skip_reason.skip_message.startswith("2 projects unchanged (alpha, beta)")
+
+    write_project(root, "alpha", n_scenes=3)  # an edit: alpha runs again
+    assert [r.partition_key for r in _tick(instance, resources).run_requests] == ["alpha"]
+    assert record_processed(db, "alpha", model, "run-4") == "run-4"
+    assert processed_projects(db)["alpha"].run_id == "run-4"
+    assert record_processed(db, "alpha", "another-embedder", "run-5") == "run-5"  # a model switch too

@@ -152,7 +152,9 @@ def project_sensor(context: SensorEvaluationContext, settings: SettingsResource,
     new_keys = [key for key in synced if key not in known]
     partitions = [projects_partitions.build_add_request(new_keys)] if new_keys else []
     if not run_requests:
-        return SensorResult(skip_reason=_unchanged_text(unchanged, bad), dynamic_partitions_requests=partitions)
+        reason = _unchanged_text(unchanged, bad)
+        context.log.info(reason)  # the tick's logs say it too (the skip reason shows on hover)
+        return SensorResult(skip_reason=reason, dynamic_partitions_requests=partitions)
     return SensorResult(run_requests=run_requests, dynamic_partitions_requests=partitions)
 
 
