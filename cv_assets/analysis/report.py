@@ -41,13 +41,13 @@ def draw_appearances(image: np.ndarray, appearances: Sequence[Appearance], colou
     height, width = out.shape[:2]
     thickness = max(1, width // 320) if scale < 1 else max(2, width // 320)
     font_scale = max(0.4, width / 1280)
-    placed: list[tuple[int, int, int, int]] = []
-    for app in sorted(appearances, key=lambda a: -a.confidence):  # the surest label gets the best place
-        colour = colours.get(app.asset_code, (255, 255, 255))
-        x1, y1, x2, y2 = (int(round(v * scale)) for v in app.bbox)
+    boxes = [(app, colours.get(app.asset_code, (255, 255, 255)), tuple(int(round(v * scale)) for v in app.bbox))
+             for app in sorted(appearances, key=lambda a: -a.confidence)]  # the surest label gets the best place
+    for _, colour, (x1, y1, x2, y2) in boxes:
         cv2.rectangle(out, (x1, y1), (max(x1, x2 - 1), max(y1, y2 - 1)), colour, thickness)
-        placed.append(_place_label(out, f"{app.asset_code} {app.confidence:.2f}", (x1, y1, x2, y2), colour,
-                                   font_scale, placed))
+    placed: list[tuple[int, int, int, int]] = []
+    for app, colour, box in boxes:  # labels after every box, so no box line crosses a label
+        placed.append(_place_label(out, f"{app.asset_code} {app.confidence:.2f}", box, colour, font_scale, placed))
     return out
 
 
@@ -255,7 +255,7 @@ def timeline_image(appearances: Sequence[Appearance], continuity: Sequence[Scene
         counts[(app.asset_code, app.scene_index)] = counts.get((app.asset_code, app.scene_index), 0) + 1
     scenes = list(continuity)
     codes = sorted(asset_codes)
-    label_w, cell_w, row_h = 90, 150, 30
+    label_w, cell_w, row_h = 90, 170, 30
     image = Image.new("RGB", (label_w + cell_w * max(1, len(scenes)) + 1, row_h * (len(codes) + 2) + 1), "white")
     draw = ImageDraw.Draw(image)
     font, bold = _font(13), _font(14)
@@ -300,14 +300,18 @@ def _clip_cell_image(draw, scene: SceneContinuity, box: tuple[int, int, int, int
         draw.rectangle((x1 + 2, y1 + 2, x2 - 2, y2 - 2), fill=(255, 215, 215))
         draw.text((x1 + 6, y1 + 8), "clip failed", fill=REVIEW_RED, font=font)
         return
+    # What needs review first: a partial clip, then cuts the manifest does not announce, then declared ones.
     marks = [("partial", REVIEW_RED)] if scene.clip_status == "partial" else []
-    marks += [(f"cut {c['timestamp_sec']:.2f}s", OK_GREEN if c["declared"] else REVIEW_RED) for c in scene.cuts]
+    marks += [(f"cut {c['timestamp_sec']:.2f}s", REVIEW_RED) for c in scene.cuts if not c["declared"]]
+    marks += [(f"cut {c['timestamp_sec']:.2f}s", OK_GREEN) for c in scene.cuts if c["declared"]]
     marks = marks or [("ok", OK_GREEN)]
     x = x1 + 6
     for i, (text, colour) in enumerate(marks):
         width = draw.textlength(text + "  ", font=font)
-        if i and x + width > x2:
-            draw.text((x, y1 + 8), "…", fill=colour, font=font)
+        more = f"+{len(marks) - i}"
+        if i and x + width + draw.textlength(more, font=font) > x2:
+            draw.text((x, y1 + 8), more, fill=REVIEW_RED if any(c == REVIEW_RED for _, c in marks[i:]) else OK_GREEN,
+                      font=font)
             break
         draw.text((x, y1 + 8), text, fill=colour, font=font)
         x += width
