@@ -80,7 +80,7 @@ def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)  # its own session: the webserver's code server goes too
         try:
-            process.wait(timeout=5)
+            process.wait(timeout=2)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
@@ -117,10 +117,16 @@ def ui(tmp_path_factory):
     report_server = None
     saved = {key: os.environ.get(key) for key in ("DAGSTER_HOME", "CV_ASSETS_CONFIG")}
     try:
+        os.environ.update(DAGSTER_HOME=str(home), CV_ASSETS_CONFIG=str(config))
+        # Create the instance's SQLite storages once, here: two processes creating them at the
+        # same moment can both stamp the schema version (Dagster's storage is not safe for that).
+        from dagster import DagsterInstance
+
+        with DagsterInstance.get() as instance:
+            instance.get_runs(limit=1)
         # The webserver loads the code location while `make run`'s code runs here.
         processes.append(_start(root, "webserver", [str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port),
                                                     *workspace], env))
-        os.environ.update(DAGSTER_HOME=str(home), CV_ASSETS_CONFIG=str(config))
         from cv_assets.cli.run_demo import run_everything
 
         summary = run_everything(str(config))
@@ -231,6 +237,41 @@ def test_partition_launched_from_the_ui_succeeds_and_names_its_embedder(ui):
     assert tags["cv_assets/embedder"] == "color_histogram-v1"
     warnings = [e["message"] for e in events if e.get("level") == "WARNING" and "CLIP is unavailable" in (e.get("message") or "")]
     assert len(warnings) == 1, "the fallback is named once per run, in the run's own log"
+
+    # make run embedded everything: this run's embedding metadata says so instead of zeros
+    for asset_name in ("reference_embeddings", "frame_embeddings"):
+        entries = _latest_metadata(ui, asset_name)
+        assert entries["status"]["text"].startswith("unchanged since run "), entries["status"]
+        assert "embedded" not in entries and "images_per_sec" not in entries
+        assert entries["embedder"]["text"].startswith("colour-histogram fallback, not CLIP")
+        assert "step_seconds" in entries
+
+    # every check result of the run explains itself in one line
+    for asset_name, check in PROJECT_CHECKS:
+        executions = ui.graphql(CHECK_EXECUTIONS, {"key": {"path": [asset_name]}, "check": check})["assetCheckExecutions"]
+        mine = [e for e in executions if e["runId"] == run_id]
+        assert mine and mine[0]["evaluation"]["description"], (check, executions[:1])
+        assert "\n" not in mine[0]["evaluation"]["description"].strip()
+
+
+PROJECT_CHECKS = [("video_clips", "video_clips_all_decodable"), ("reference_embeddings", "reference_embeddings_are_valid"),
+                  ("frame_embeddings", "frame_embeddings_are_valid"), ("asset_appearances", "appearances_are_well_formed")]
+
+CHECK_EXECUTIONS = """
+query ($key: AssetKeyInput!, $check: String!) { assetCheckExecutions(assetKey: $key, checkName: $check, limit: 5) {
+  runId evaluation { description severity } } }
+"""
+
+LATEST_METADATA = """
+query ($key: AssetKeyInput!) { assetOrError(assetKey: $key) { ... on Asset {
+  assetMaterializations(partitions: ["demo"], limit: 1) { runId metadataEntries { label __typename
+    ... on TextMetadataEntry { text } ... on FloatMetadataEntry { floatValue } } } } } }
+"""
+
+
+def _latest_metadata(ui: UI, asset_name: str) -> dict:
+    asset = ui.graphql(LATEST_METADATA, {"key": {"path": [asset_name]}})["assetOrError"]
+    return {e["label"]: e for e in asset["assetMaterializations"][0]["metadataEntries"]}
 
 
 def test_report_metadata_shows_pictures_and_links_the_served_report(ui):
