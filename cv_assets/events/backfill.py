@@ -179,8 +179,8 @@ def embed_next_batch(
     check_mode(mode)
     size = resolve_batch_size(batch_size, limits.max_batch)
     model_version = embedder.model_version
-    if mode == "missing" and after is None and db.supports_skip_locked:
-        return claim_next_batch(db, embedder, limits, size)
+    if mode == "missing" and db.supports_skip_locked:
+        return claim_next_batch(db, embedder, limits, size, after=after)
     with db.read() as session:
         pending = select_pending_events(
             session, model_version, mode=mode, limit=size, max_attempts=limits.max_attempts, after=after
@@ -200,7 +200,8 @@ def embed_next_batch(
     return BatchResult(model_version, mode, outcomes, embed_seconds, pending[-1].key if pending else None)
 
 
-def claim_next_batch(db: AppDatabase, embedder, limits: BackfillLimits, size: int) -> BatchResult:
+def claim_next_batch(db: AppDatabase, embedder, limits: BackfillLimits, size: int, *,
+                     after: tuple[datetime, str] | None = None) -> BatchResult:
     """One batch of a concurrent backfill (PostgreSQL): the events are locked (`SKIP
     LOCKED`) for the whole transaction, embedded, and their vectors and failures stored in
     the same transaction, so two workers never take the same event and each event is
@@ -208,7 +209,8 @@ def claim_next_batch(db: AppDatabase, embedder, limits: BackfillLimits, size: in
     and another worker claims them. Only the final store waits for other writers."""
     model_version = embedder.model_version
     with db.claim() as session:
-        pending = claim_pending_events(session, model_version, limit=size, max_attempts=limits.max_attempts)
+        pending = claim_pending_events(session, model_version, limit=size, max_attempts=limits.max_attempts,
+                                       after=after)
         started = time.perf_counter()
         vectors, failures = embed_thumbnails(pending, embedder, limits)
         embed_seconds = time.perf_counter() - started

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, or_, select, text
+from sqlalchemy import and_, delete, func, insert, or_, select, text, true
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -67,6 +67,14 @@ def _missing_condition(model_version: str, max_attempts: int):
     )
 
 
+def _after_condition(after: tuple[datetime, str] | None):
+    """Events after the keyset cursor (started_at, id); everything when None."""
+    if after is None:
+        return true()
+    started, event_id = after
+    return or_(EVENTS.c.started_at > started, and_(EVENTS.c.started_at == started, EVENTS.c.id > event_id))
+
+
 def select_pending_events(
     session: Session,
     model_version: str,
@@ -87,16 +95,14 @@ def select_pending_events(
     if mode == "missing":
         query = query.where(_missing_condition(model_version, max_attempts))
     if after is not None:
-        started, event_id = after
-        query = query.where(
-            or_(EVENTS.c.started_at > started, and_(EVENTS.c.started_at == started, EVENTS.c.id > event_id))
-        )
+        query = query.where(_after_condition(after))
     query = query.order_by(EVENTS.c.started_at, EVENTS.c.id).limit(limit)
     return [PendingEvent(*row) for row in session.execute(query)]
 
 
 def claim_pending_events(
-    session: Session, model_version: str, *, limit: int, max_attempts: int
+    session: Session, model_version: str, *, limit: int, max_attempts: int,
+    after: tuple[datetime, str] | None = None,
 ) -> list[PendingEvent]:
     """`missing` mode's next events, locked for this transaction so concurrent workers get
     disjoint batches (PostgreSQL `FOR NO KEY UPDATE SKIP LOCKED`: rows another worker holds
@@ -105,11 +111,13 @@ def claim_pending_events(
     that dies releases its rows with its connection, and the next worker takes them.
 
     The lock is taken after the statement's snapshot, so an event another worker stored and
-    released in between is checked again by a second statement, which sees that commit."""
+    released in between is checked again by a second statement, which sees that commit.
+    `after`: the keyset cursor of a backfill that tries each event once per call."""
     query = (
         select(EVENTS.c.id, EVENTS.c.camera_id, EVENTS.c.started_at, EVENTS.c.thumbnail_base64,
                EVENTS.c.thumbnail_path)
         .where(_missing_condition(model_version, max_attempts))
+        .where(_after_condition(after))
         .order_by(EVENTS.c.started_at, EVENTS.c.id)
         .limit(limit)
         .with_for_update(skip_locked=True, key_share=True, of=EVENTS)
