@@ -88,7 +88,7 @@ def test_appearance_quality_against_demo_ground_truth(demo_env):
     project = load_project(db, "demo")
     appearances = load_appearances(db, wh, "demo", project.project_id, "color_histogram-v1")
     frames = sampled_frame_rows(wh, "demo")
-    quality = quality_against_truth(settings.storage.projects_root / "demo", appearances,
+    quality = quality_against_truth(project.ground_truth_path, appearances,
                                     zip(frames.scene_index, frames.frame_index), [a.code for a in project.assets],
                                     settings.appearances.eval_iou)
     assert len(quality) == 4
@@ -126,4 +126,6 @@ def test_rematerialising_the_partition_is_idempotent(demo_env):
     assert again.success
     assert _counts(settings) == before
     mats = _materializations(again)
-    assert mats["frame_embeddings"]["embedded"] == 0  # unchanged frames are not recomputed
+    # Unchanged frames are not recomputed, and the metadata says so instead of showing zeros.
+    assert mats["frame_embeddings"]["status"].startswith("unchanged since run")
+    assert mats["frame_embeddings"]["kept"] == before["frame_embeddings"]

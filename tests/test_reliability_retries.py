@@ -162,9 +162,9 @@ def test_a_hung_step_is_ended_by_the_max_runtime_tag(tmp_path, tmp_path_factory,
     defs_file = h.write_defs_file(tmp_path / "defs_file.py", config)
     # The code server and the run worker it starts inherit this environment.
     monkeypatch.setenv("CV_ASSETS_CONFIG", str(config))
-    monkeypatch.setenv("CV_ASSETS_PAUSE_AT", "duckdb:clips")
-    monkeypatch.setenv("CV_ASSETS_PAUSE_MARKER", str(marker))
-    monkeypatch.setenv("CV_ASSETS_PAUSE_MAX_SEC", "120")
+    monkeypatch.setenv("TEST_PAUSE_AT", "duckdb:clips")
+    monkeypatch.setenv("TEST_PAUSE_MARKER", str(marker))
+    monkeypatch.setenv("TEST_PAUSE_MAX_SEC", "120")
     instance = DagsterInstance.from_config(str(home))
     assert instance.run_monitoring_enabled, "dagster.yaml must enable run_monitoring for max_runtime to be enforced"
     instance.add_dynamic_partitions("projects", ["demo"])
