@@ -129,6 +129,7 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
         "match_seconds": round(match_seconds, 2),
         "regions_embedded": regions,
         "regions_per_sec": round(regions / match_seconds, 1) if match_seconds > 0 else 0.0,
+        **{"forwards_per_frame": round(s.forwards_per_frame, 1) for s in sources if hasattr(s, "forwards_per_frame")},
         "by_asset": MetadataValue.md(markdown_table(
             ["asset", "frames", "scenes", "best confidence"],
             [[c, sum(a.asset_code == c for a in found),
