@@ -7,7 +7,7 @@ import json
 from datetime import timedelta
 
 import pytest
-from test_events_support import COLOURS, T0, add_events, b64, colour_events, jpeg_bytes
+from helpers.events import COLOURS, T0, add_events, b64, colour_events, jpeg_bytes
 
 from cv_assets.events.search import clear_vector_indexes
 from cv_assets.cli.events import add_events_parser, main

@@ -16,7 +16,7 @@ from dagster import (
     materialize,
 )
 from sqlalchemy import func, select
-from test_events_support import T0, add_events, colour_events
+from helpers.events import T0, add_events, colour_events
 
 from cv_assets.events.search import clear_vector_indexes
 from cv_assets.defs.events import (

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
-from test_events_support import (
+from helpers.events import (
     COLOURS,
     T0,
     MeanColourEmbedder,

@@ -13,7 +13,7 @@ import pytest
 from dagster import DagsterInstance, materialize
 from PIL import Image
 from sqlalchemy import select
-from test_events_support import COLOURS, T0, b64, jpeg_bytes, new_db
+from helpers.events import COLOURS, T0, b64, jpeg_bytes, new_db
 
 from cv_assets.cli.events import main
 from cv_assets.defs.events import event_embeddings

@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 from sqlalchemy import select
-from test_events_support import COLOURS, T0, add_events, b64, jpeg_bytes, new_db
+from helpers.events import COLOURS, T0, add_events, b64, jpeg_bytes, new_db
 
 from cv_assets.events.importer import ImportFormatError, count_lines, detect_format, import_events
 from cv_assets.store.models import Event

@@ -7,7 +7,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from sqlalchemy import delete, update
-from test_events_support import (
+from helpers.events import (
     COLOURS,
     T0,
     MeanColourEmbedder,

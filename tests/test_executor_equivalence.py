@@ -7,7 +7,7 @@ import os
 from dagster import DagsterInstance, execute_job, reconstructable
 
 from cv_assets.definitions import project_job_from_env
-from reliability_helpers import demo_source, make_store, snapshot
+from helpers.reliability import demo_source, make_store, snapshot
 
 ASSET_STEPS = ["project_manifest", "video_assets", "reference_embeddings", "frame_embeddings", "asset_appearances",
                "scene_continuity_scores", "project_report"]

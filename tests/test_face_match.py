@@ -267,7 +267,7 @@ def test_face_match_through_the_chain_on_a_clip(tmp_path, scene, references):
     from cv_assets.settings import load_settings
     from cv_assets.store import AppDatabase
     from cv_assets.store.models import Asset, AssetAppearance
-    from video_fixtures import materialization
+    from helpers.video import materialization
 
     frames, truth = scene
     root = tmp_path / "projects" / "faces"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from dagster import DagsterInstance, DagsterRunStatus, SensorResult, SkipReason, build_sensor_context, materialize
+from dagster import DagsterInstance, DagsterRunStatus, SkipReason, build_sensor_context, materialize
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -28,7 +28,7 @@ from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS
 from cv_assets.settings import ContinuityWeights, load_settings
 from cv_assets.store import AppDatabase, Warehouse
 from cv_assets.store.models import Asset, AssetAppearance, Project, SceneManifest
-from video_fixtures import register_project, settings_yaml, write_clip
+from helpers.video import register_project, settings_yaml, write_clip
 
 REPO = Path(__file__).resolve().parent.parent
 RAW_CONTROL = ("\x1b", "\x00", "\x07")

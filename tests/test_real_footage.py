@@ -19,7 +19,7 @@ from cv_assets.settings import CvAnalysisSettings, SamplingSettings, load_settin
 from cv_assets.store import AppDatabase
 from cv_assets.store.projects import load_project
 from cv_assets.video import sample_video_frames
-from video_fixtures import write_clip
+from helpers.video import write_clip
 
 SAMPLING, CV = SamplingSettings(), CvAnalysisSettings()
 

@@ -17,7 +17,7 @@ import numpy as np
 from dagster import DagsterInstance, build_schedule_context
 from sqlalchemy import func, select
 
-import reliability_helpers as h
+from helpers import reliability as h
 from cv_assets.events.importer import import_events
 from cv_assets.events.search import clear_vector_indexes
 from cv_assets.store import AppDatabase

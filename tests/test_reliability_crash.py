@@ -9,7 +9,7 @@ import pytest
 from dagster import DagsterInstance
 from sqlalchemy import text
 
-import reliability_helpers as h
+from helpers import reliability as h
 from cv_assets.store import AppDatabase, Warehouse
 
 EMPTY_ANALYSIS = {"frame_embeddings": 0, "appearance_embeddings": 0, "appearances": 0}

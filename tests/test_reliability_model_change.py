@@ -8,7 +8,7 @@ import pytest
 from dagster import DagsterInstance, build_schedule_context, materialize
 from sqlalchemy import select
 
-import reliability_helpers as h
+from helpers import reliability as h
 from cv_assets.events.importer import import_events
 from cv_assets.events.backfill import event_status
 from cv_assets.events.search import clear_vector_indexes, similar_events

@@ -6,7 +6,7 @@ reaches anyone, and the final rows equal those of the same runs made one after a
 import pytest
 from dagster import DagsterInstance
 
-import reliability_helpers as h
+from helpers import reliability as h
 from cv_assets.store import Warehouse
 
 PROJECTS = ("demo", "demo_b", "demo_c")

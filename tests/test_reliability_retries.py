@@ -13,8 +13,8 @@ import yaml
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 from sqlalchemy.exc import OperationalError
 
-import reliability_helpers as h
-import write_faults as faults
+from helpers import reliability as h
+from helpers import write_faults as faults
 from cv_assets.store import Warehouse
 from cv_assets.store.warehouse import WarehouseError
 

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-import reliability_helpers as h
+from helpers import reliability as h
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import EmbeddingFailure, Event, EventEmbedding
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
-from test_events_support import colour_events
+from helpers.events import colour_events
 
 from cv_assets.store import AppDatabase
 from cv_assets.store.events import count_remaining
 from cv_assets.store.models import EventEmbedding
 
-WORKER = Path(__file__).with_name("backfill_worker.py")
+WORKER = Path(__file__).parent / "helpers" / "backfill_worker.py"
 TIMEOUT = 120
 COLOURS = ["red", "green", "blue", "yellow"]
 

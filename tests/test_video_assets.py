@@ -16,7 +16,7 @@ from cv_assets.store.models import Project, SceneManifest
 from cv_assets.video import decoder as decoder_module
 from cv_assets.store.frames import frame_image
 from cv_assets.video import extract_frames
-from video_fixtures import materialization, register_project, settings_yaml, write_clip
+from helpers.video import materialization, register_project, settings_yaml, write_clip
 
 
 @pytest.fixture

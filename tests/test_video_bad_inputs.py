@@ -16,7 +16,7 @@ from cv_assets.defs.video import VIDEO_ASSETS, VIDEO_CHECKS
 from cv_assets.settings import CvAnalysisSettings, SamplingSettings, load_settings
 from cv_assets.store import AppDatabase, Warehouse
 from cv_assets.video import VideoInputError, detect_motion_deltas, extract_frames, sample_video_frames
-from video_fixtures import materialization, register_project, settings_yaml, truncate_copy, write_clip, write_clip_without_decoder
+from helpers.video import materialization, register_project, settings_yaml, truncate_copy, write_clip, write_clip_without_decoder
 
 SAMPLING = SamplingSettings()
 CV = CvAnalysisSettings()

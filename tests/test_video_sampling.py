@@ -29,7 +29,7 @@ from cv_assets.video.decoder import ClipDecoder
 from cv_assets.video.pixels import frame_to_rgb
 from cv_assets.video.errors import VideoInputError
 from cv_assets.video.motion import shrink_luma
-from video_fixtures import write_clip
+from helpers.video import write_clip
 
 SAMPLING = SamplingSettings()
 CV = CvAnalysisSettings()

@@ -8,7 +8,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from sqlalchemy import delete, func, select
-from test_events_support import T0, add_events, new_db
+from helpers.events import T0, add_events, new_db
 
 from cv_assets.events.search import clear_vector_indexes
 from cv_assets.events.visitors import (

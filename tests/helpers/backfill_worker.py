@@ -1,5 +1,5 @@
 """A backfill worker process for tests/test_scale_backfill.py (standing in for a pod):
-`python tests/backfill_worker.py URL THUMBS LOG [--hold MARKER]`.
+`python tests/helpers/backfill_worker.py URL THUMBS LOG [--hold MARKER]`.
 
 It runs `embed_next_batch` until no event is left for it, appending the ids of each
 stored batch to LOG. With --hold it claims one batch, writes the claimed ids to MARKER
@@ -12,7 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from test_events_support import MeanColourEmbedder
+if __package__ in (None, ""):  # run as a child-process script: make `helpers` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers.events import MeanColourEmbedder  # noqa: E402
 
 from cv_assets.events.backfill import BackfillLimits, embed_next_batch
 from cv_assets.store import AppDatabase

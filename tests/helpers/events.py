@@ -1,6 +1,5 @@
-"""Shared helpers for the events tests (imported as `test_events_support`): a small
-deterministic embedder, thumbnail makers and event inserts. Plus tests of the vector
-JSON encoding those helpers rely on."""
+"""Shared helpers for the events tests: a small deterministic embedder, thumbnail makers
+and event inserts."""
 
 from __future__ import annotations
 
@@ -9,10 +8,8 @@ import io
 from datetime import datetime, timedelta
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from cv_assets.store.vectors import vector_from_json, vector_to_json
 from cv_assets.embedding.base import EmbedOutcome
 from cv_assets.embedding.images import ImageError, describe_source, load_image
 from cv_assets.store import AppDatabase
@@ -103,29 +100,3 @@ def colour_events(db: AppDatabase, colours: list[str], *, camera: str = "front_d
 def new_db(tmp_path) -> AppDatabase:
     """An application database in the test's tmp_path (each test module wraps it in a `db` fixture)."""
     return AppDatabase(f"sqlite:///{tmp_path / 'events.sqlite'}")
-
-
-# ---------------------------------------------------------------- tests of the JSON encoding
-
-
-def test_vector_json_round_trips_float32_exactly():
-    vector = np.random.default_rng(1).standard_normal(512).astype(np.float32)
-    vector /= np.linalg.norm(vector)
-    text = vector_to_json(vector)
-    assert text.startswith("[") and text.endswith("]")
-    assert np.array_equal(vector_from_json(text), vector)
-    assert len(text) < 512 * 14  # shorter than json.dumps of the float64 values (~19 chars each)
-
-
-def test_vector_json_refuses_nan():
-    with pytest.raises(ValueError, match="NaN"):
-        vector_to_json(np.array([0.1, np.nan], dtype=np.float32))
-
-
-def test_mean_colour_embedder_separates_colours():
-    embedder = MeanColourEmbedder()
-    outcome = embedder.embed_sources([jpeg_bytes(COLOURS["red"]), b"junk", jpeg_bytes(COLOURS["blue"])],
-                                     names=["a", "b", "c"])
-    assert outcome.ok == [0, 2] and list(outcome.errors) == [1]
-    assert "b" in outcome.errors[1]
-    assert float(outcome.vectors[0] @ outcome.vectors[1]) < 0.0

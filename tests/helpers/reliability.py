@@ -4,7 +4,7 @@ two stores be compared.
 
 Also a small command line the tests start as a child process (always with a timeout):
 
-    python tests/reliability_helpers.py run-project CONFIG KEY [KEY ...] [--tags JSON]
+    python tests/helpers/reliability.py run-project CONFIG KEY [KEY ...] [--tags JSON]
 
 runs `project_reprocess_job` for each KEY in turn (a backfill when there are several),
 against DAGSTER_HOME's instance when it is set, and prints one JSON line per run.
@@ -29,10 +29,12 @@ from typing import Iterator
 import numpy as np
 import yaml
 
-import write_faults
+if __package__ in (None, ""):  # run as a child-process script: make `helpers` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from helpers import write_faults  # noqa: E402
 
 HERE = Path(__file__).resolve()
-REPO = HERE.parents[1]
+REPO = HERE.parents[2]
 DAGSTER_YAML = REPO / "dagster.yaml"
 # Demo scenes this long keep every scripted feature and a run short.
 DEMO_SCENE_SECONDS = 3.0
@@ -283,8 +285,8 @@ def write_defs_file(path: Path, config: Path) -> Path:
     """A code location file, as `dagster dev -f` would load it, for this config."""
     path.write_text(
         "import sys\n"
-        f"sys.path.insert(0, {str(HERE.parent)!r})\n"
-        "import write_faults\n"
+        f"sys.path.insert(0, {str(HERE.parents[1])!r})\n"
+        "from helpers import write_faults\n"
         "from cv_assets.definitions import build_definitions\n"
         "from cv_assets.settings import load_settings\n"
         "write_faults.pause_from_environment()  # a test may pause a write in the run's process\n"
