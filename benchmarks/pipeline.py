@@ -39,10 +39,12 @@ OLD = {"embedder": {"backend": "torch", "precision": "fp32"}, "appearances": {"c
 NEW: dict = {}  # the defaults: backend/precision auto, coarse-to-fine clip_match
 
 
-def write_config(store: Path, demo: Path, model_dir: Path, variant: dict, executor: str = "in_process") -> Path:
+def write_config(store: Path, demo: Path, model_dir: Path, variant: dict, executor: str = "in_process",
+                 max_frames: int | None = None) -> Path:
     store.mkdir(parents=True)
     config = {
         "runs": {"executor": executor},
+        "cv_analysis": {"max_frames_per_clip": max_frames} if max_frames else {},
         "storage": {"sqlite_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
                     "reports_dir": "reports", "projects_root": str(demo / "projects"),
                     "thumbnails_root": str(demo / "thumbnails")},
@@ -132,7 +134,7 @@ def forward_floor(model_dir: Path, n_images: int, batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 s demo scenes, one repeat")
+    parser.add_argument("--quick", action="store_true", help="3 s demo scenes, 3 key frames each, one repeat")
     parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default 3, quick 1)")
     parser.add_argument("--skip-multiprocess", action="store_true", help="only the in-process executor")
     args = parser.parse_args()
@@ -148,10 +150,11 @@ def main() -> None:
         clips = sorted((root / "demo" / "projects" / "demo" / "clips").glob("*.mp4"))
         batch = load_settings(write_config(root / "probe", root / "demo", model_dir, OLD)).embedder.batch_size
 
+        frames = 3 if args.quick else None  # both configurations embed the same frames
         old, new, decode, forward = [], [], [], []
         for i in range(repeats):  # interleaved, so load on the shared machine hits both alike
-            old.append(run_in_process(write_config(root / f"old{i}", root / "demo", model_dir, OLD)))
-            new.append(run_in_process(write_config(root / f"new{i}", root / "demo", model_dir, NEW)))
+            old.append(run_in_process(write_config(root / f"old{i}", root / "demo", model_dir, OLD, max_frames=frames)))
+            new.append(run_in_process(write_config(root / f"new{i}", root / "demo", model_dir, NEW, max_frames=frames)))
             decode.append(decode_floor(clips))
             forward.append(forward_floor(model_dir, old[-1][1], batch))
             print(f"run {i + 1}/{repeats}: old {old[-1][0]:.1f}s ({old[-1][1]} images, {old[-1][2]:.0f} forwards/frame)  "
