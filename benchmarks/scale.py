@@ -299,10 +299,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
+    parser.add_argument("--vectors", type=int, help="pgvector table size (default 20k quick, 200k full)")
     args = parser.parse_args()
     parts = set(args.only or PARTS)
     events = 64 if args.quick else 256
-    vectors = 20_000 if args.quick else 200_000
+    vectors = args.vectors or (20_000 if args.quick else 200_000)
     queries = 50 if args.quick else 200
     tmp = Path(tempfile.mkdtemp(prefix="cv_assets_scale_"))
     server, data_dir = start_postgres(tmp)
