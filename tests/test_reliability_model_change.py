@@ -101,7 +101,7 @@ def test_a_model_change_reembeds_everything_and_never_mixes_versions(tmp_path, t
 
     early = materialize([asset_appearances], partition_key="demo", instance=instance, resources=resources)
     early_meta = _metadata(early, "asset_appearances")
-    version_b = early_meta["embedder"].split("(", 1)[1].rstrip(")")
+    version_b = early_meta["model_version"]
     assert version_b != version_a and version_b.startswith("clip:")
     assert early_meta["assets_matched"] == 0 and early_meta["appearances"] == 0
     with db.read() as session:

@@ -126,6 +126,8 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
         "frames_matched": len(frames),
         "assets_matched": len(references),
         "embedder": embedder_label(model.model_version),
+        "model_version": model.model_version,
+        "backend": f"{model.device}, {model.backend} {model.precision}",
         "match_seconds": round(match_seconds, 2),
         "regions_embedded": regions,
         "regions_per_sec": round(regions / match_seconds, 1) if match_seconds > 0 else 0.0,
