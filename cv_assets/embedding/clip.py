@@ -35,6 +35,7 @@ from cv_assets.embedding.base import (
     ModelUnavailableError,
     available_cores,
 )
+from cv_assets.embedding.locate import _looks_like_path, unavailable_message
 from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, resize_and_crop, to_pixel_values
 from cv_assets.embedding.runtime import Capabilities, choose_runtime, probe_capabilities, torch_dtype
 from cv_assets.settings import EmbedderSettings
@@ -66,45 +67,6 @@ def configure_cpu_threads(device: str) -> None:
     one image per worker thread, so each worker keeps to one OpenMP thread (8 workers x
     16 OpenMP threads would fight over 16 cores)."""
     torch.set_num_threads(available_cores() if device == "cpu" else 1)
-
-
-def default_cache_dir(settings: EmbedderSettings) -> Path:
-    if settings.cache_dir:
-        return Path(settings.cache_dir)
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
-
-
-def unavailable_message(settings: EmbedderSettings, reason: str) -> str:
-    """Say which model, where it was looked for, and the two ways out."""
-    model = settings.model
-    revision = f" (revision {settings.revision})" if settings.revision else ""
-    fallback = ("  - or, for an air-gapped demo, set embedder.fallback: color_histogram (a colour-histogram "
-                "embedder with its own model_version; its vectors are never mixed with CLIP vectors).")
-    if _looks_like_path(model):
-        return (
-            f"CLIP model directory {Path(model).expanduser()}{revision} cannot be loaded: {reason}\n"
-            "To fix it:\n"
-            "  - put a checkpoint written by CLIPModel.save_pretrained(DIR, safe_serialization=True) there "
-            "(config.json, model.safetensors, preprocessor_config.json and the tokenizer files), or point "
-            "embedder.model (config.yaml, or CV_ASSETS__EMBEDDER__MODEL) at another local copy,\n" + fallback
-        )
-    cache = default_cache_dir(settings)
-    offline = " (embedder.local_files_only is true, so the hub is never contacted)" if settings.local_files_only else ""
-    return (
-        f"CLIP model {model!r}{revision} is not available: no usable copy in the Hugging Face cache "
-        f"at {cache}{offline}. Details: {reason}\n"
-        "To fix it:\n"
-        f"  - on a machine with internet run `hf download {model}` (or CLIPModel.from_pretrained + "
-        "save_pretrained(DIR) with its processor and tokenizer), copy the folder here and set embedder.model "
-        "to that local directory (config.yaml, or CV_ASSETS__EMBEDDER__MODEL=/path/to/clip), or set "
-        "embedder.cache_dir to a cache that holds it,\n" + fallback
-    )
 
 
 def weights_digest(directory: Path) -> str:

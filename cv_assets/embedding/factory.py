@@ -6,9 +6,9 @@ import logging
 import threading
 
 from cv_assets.embedding.base import Embedder, ModelUnavailableError
-from cv_assets.embedding.clip import ClipEmbedder
 from cv_assets.embedding.histogram import MODEL_VERSION as HISTOGRAM_VERSION
 from cv_assets.embedding.histogram import ColorHistogramEmbedder
+from cv_assets.embedding.locate import missing_model_reason, unavailable_message
 from cv_assets.settings import EmbedderSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,14 @@ def get_embedder(settings: EmbedderSettings | Settings | None = None) -> Embedde
 
 
 def _create(settings: EmbedderSettings) -> Embedder:
-    clip = ClipEmbedder(settings)
     if settings.fallback != "color_histogram":
-        return clip
+        return _clip(settings)
+    # A model that certainly is not there (checked on disk) costs no torch import at all.
+    reason = missing_model_reason(settings)
     try:
+        if reason is not None:
+            raise ModelUnavailableError(unavailable_message(settings, reason))
+        clip = _clip(settings)
         clip.ensure_ready()
         return clip
     except ModelUnavailableError as exc:
@@ -51,6 +55,12 @@ def _create(settings: EmbedderSettings) -> Embedder:
             "histograms (model_version %s), not CLIP, and text search is off. Reason: %s",
             HISTOGRAM_VERSION, exc)
         return ColorHistogramEmbedder(batch_size=settings.batch_size)
+
+
+def _clip(settings: EmbedderSettings) -> Embedder:
+    from cv_assets.embedding.clip import ClipEmbedder  # imports torch
+
+    return ClipEmbedder(settings)
 
 
 def clear_embedder_cache() -> None:
