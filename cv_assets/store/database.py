@@ -128,15 +128,10 @@ class AppDatabase:
     def write(self) -> Iterator[Session]:
         """A session in a BEGIN IMMEDIATE transaction (SQLite) or a transaction holding the
         write lock (PostgreSQL): committed on success, rolled back on error."""
-        with self._sessions() as session:
+        with self.claim() as session:
             session.connection(execution_options={"sqlite_immediate": True})
             self.lock_writes(session)
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
+            yield session
 
     @contextmanager
     def claim(self) -> Iterator[Session]:
