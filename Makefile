@@ -36,7 +36,7 @@ run: $(DEMO_STAMP) instance
 	$(PY) -m cv_assets.cli run-demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: the suite waits on servers and child processes as much as on the CPU
 
 # The Dagster UI (`dg dev`, webserver + daemon) and, beside it, the HTML reports over http at
 # storage.reports_base_url (browsers refuse file:// links from the UI); both stop together.
