@@ -5,17 +5,20 @@ reported, never silently dropped nor matched with its old vector."""
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from dagster import DagsterInstance, build_schedule_context, materialize
+from dagster import DagsterInstance, RunRequest, SkipReason, build_schedule_context, materialize
 from sqlalchemy import select
 
 from helpers import reliability as h
+from helpers.events import colour_events
+from cv_assets.defs.events import build_event_schedules, event_embeddings
+from cv_assets.defs.resources import build_resources
 from cv_assets.events.importer import import_events
 from cv_assets.events.backfill import event_status
 from cv_assets.events.search import clear_vector_indexes, similar_events
 from cv_assets.embedding import clear_embedder_cache
 from cv_assets.store import AppDatabase
 from cv_assets.store.models import (
-    Asset, AssetAppearance, EmbeddingFailure, EntityEvent, Event, EventEmbedding, RecognizedEntity,
+    Asset, AssetAppearance, EmbedderVersion, EmbeddingFailure, EntityEvent, Event, EventEmbedding, RecognizedEntity,
 )
 
 BROKEN_REFERENCE = "CHAR_01"
@@ -167,3 +170,52 @@ def test_a_model_change_reembeds_everything_and_never_mixes_versions(tmp_path, t
     assert stale.model_version == version_a and stale.searched == 1 and stale.matches == []
     # Recurring visitors group model-B vectors only.
     assert entity_versions == {version_b} and BROKEN_THUMBNAIL not in grouped
+
+
+def test_the_schedule_notices_a_model_change_on_either_backend(app_db_url, settings_factory, tiny_clip_dir_b):
+    """The configured embedder's model_version is recorded in the application database, so
+    the schedule tells a new model from the old one without loading it on PostgreSQL too
+    (no file beside the database there)."""
+    storage = {"database_url": app_db_url}
+    settings_a, _ = settings_factory(storage=storage, events={"max_batch": 2})
+    settings_b, _ = settings_factory(storage=storage, events={"max_batch": 2}, embedder={"model": str(tiny_clip_dir_b)})
+    db = AppDatabase(settings_a.storage.database_url)
+    assert (db.path is None) == app_db_url.startswith("postgresql")
+    colour_events(db, ["red", "blue", "green"])
+    instance = DagsterInstance.ephemeral()
+
+    def tick(settings):
+        schedule = {s.name: s for s in build_event_schedules(settings)}["event_embedding_backfill_schedule"]
+        when = datetime(2026, 11, 21, 6, 15, tzinfo=timezone.utc)
+        with build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                    resources=build_resources(settings)) as context:
+            return schedule(context)
+
+    def backfill(settings) -> list[dict]:
+        runs = []
+        while isinstance(request := tick(settings), RunRequest):
+            result = materialize([event_embeddings], resources=build_resources(settings), instance=instance)
+            runs.append(_metadata(result, "event_embeddings"))
+            assert len(runs) <= 3, "the backfill schedule never skipped"
+        return runs
+
+    runs_a = backfill(settings_a)
+    version_a = runs_a[0]["model_version"]
+    assert [r["embedded"] for r in runs_a] == [2, 1]
+    skip = tick(settings_a)
+    assert isinstance(skip, SkipReason) and version_a in skip.skip_message
+
+    # Model B: unknown to the record, so the schedule asks for a run instead of skipping.
+    request = tick(settings_b)
+    assert isinstance(request, RunRequest) and "has not run" in request.tags["reason"]
+    assert request.tags["model_version"] == "unknown"
+    runs_b = backfill(settings_b)
+    version_b = runs_b[0]["model_version"]
+    assert version_b != version_a and [r["embedded"] for r in runs_b] == [2, 1]
+    with db.read() as session:
+        assert set(session.scalars(select(EventEmbedding.model_version))) == {version_b}
+        assert sorted(session.scalars(select(EmbedderVersion.model_version))) == sorted([version_a, version_b])
+
+    # Back to model A: its version is known, and every event lacks it now.
+    request = tick(settings_a)
+    assert request.tags["model_version"] == version_a and request.tags["remaining_events"] == "3"

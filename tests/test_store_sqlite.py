@@ -46,9 +46,9 @@ HEAD = _head_revision()
 PGVECTOR_ONLY = {"embedding_vector", "ix_event_embeddings_vector_hnsw"}
 ALL_TABLES = {
     "projects", "assets", "scene_manifests", "asset_appearances", "events", "event_embeddings",
-    "embedding_failures", "recognized_entities", "entity_events",
+    "embedding_failures", "recognized_entities", "entity_events", "embedder_versions",
 }
-TABLES_0001 = ALL_TABLES - {"recognized_entities", "entity_events"}
+TABLES_0001 = ALL_TABLES - {"recognized_entities", "entity_events", "embedder_versions"}
 
 
 def url_for(path: Path) -> str:

@@ -6,7 +6,8 @@ Wiring only; the work lives in `cv_assets/events/` (backfill, visitors) and the 
 The backfill schedule decides "is anything left?" without loading the model. Every
 backfill run records which model_version the configured embedder produces, keyed by a
 cheap fingerprint of the embedder settings and model files (`embedder_fingerprint`, in
-`<db file>.cache/embedders.json`). The schedule looks the configured embedder up there:
+the application database's `embedder_versions` table, so SQLite and PostgreSQL alike).
+The schedule looks the configured embedder up there:
 - known: it counts the events without an embedding of that version, minus those given up
   for it, and requests a run while any are left;
 - unknown (a new model, or no run yet) and there are events: it requests a run, which
@@ -58,7 +59,6 @@ from cv_assets.events.backfill import (
     BackfillLimits,
     BackfillReport,
     BatchSizeError,
-    current_model_version,
     embedder_fingerprint,
     events_left,
     given_up_events,
@@ -240,8 +240,6 @@ def build_event_schedules(settings: Settings) -> list:
         db = app_db.get()
         configured = embedder.settings()
         version = known_embedder_version(db, configured)
-        if version is None and db.path is None:  # no cache beside an in-memory database
-            version = current_model_version(db)
         total, remaining = events_left(db, version, max_attempts)
         if total == 0:
             return SkipReason("there are no events yet")

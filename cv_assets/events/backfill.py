@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from sqlalchemy.exc import OperationalError
 
 from cv_assets.events.thumbnails import (
     DEFAULT_THUMBNAIL_MAX_PIXELS,
@@ -31,6 +33,7 @@ from cv_assets.events.thumbnails import (
     load_thumbnail_bytes,
 )
 from cv_assets.store.database import AppDatabase
+from cv_assets.store.embedders import record_embedder_version, recorded_embedder_version
 from cv_assets.store.events import (
     MODES,
     PendingEvent,
@@ -48,6 +51,8 @@ from cv_assets.store.events import (
     write_event_embeddings,
 )
 from cv_assets.text import markdown_table
+
+log = logging.getLogger(__name__)
 
 HARD_MAX_BATCH = 100  # inherited contract: never more than 100 events per embedding request
 
@@ -447,7 +452,6 @@ def given_up_events(db: AppDatabase, max_attempts: int, limit: int, model_versio
 
 # Files of a model directory whose change changes the vectors (weights, configs).
 _MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".bin")
-EMBEDDERS_FILE = "embedders.json"
 
 
 def cache_dir(db: AppDatabase) -> Path | None:
@@ -488,38 +492,16 @@ def _hub_snapshots(settings) -> list:
 
 
 def remember_embedder_version(db: AppDatabase, embedder_settings, model_version: str) -> None:
-    """Record which model_version the configured embedder produces, so the schedule can
-    count what is left for it without loading the model. Best effort (a lost or stale
-    record only costs one extra run)."""
-    directory = cache_dir(db)
-    if directory is None:
-        return
-    path = directory / EMBEDDERS_FILE
-    known = _read_embedder_versions(path)
-    fingerprint = embedder_fingerprint(embedder_settings)
-    if known.get(fingerprint) == model_version:
-        return
-    known[fingerprint] = model_version
+    """Record which model_version the configured embedder produces (in the application
+    database, `embedder_versions`, on every backend), so the schedule can count what is
+    left for it without loading the model. Best effort: a lost or stale record only costs
+    one extra run, so a database that is briefly busy or unreachable is logged, not raised."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(known, indent=1, sort_keys=True))
-        os.replace(partial, path)
-    except OSError:
-        pass
+        record_embedder_version(db, embedder_fingerprint(embedder_settings), model_version)
+    except OperationalError as exc:
+        log.warning("could not record the embedder's model_version %s: %s", model_version, getattr(exc, "orig", exc))
 
 
 def known_embedder_version(db: AppDatabase, embedder_settings) -> str | None:
     """The model_version the configured embedder produced when it last ran (None: unknown)."""
-    directory = cache_dir(db)
-    if directory is None:
-        return None
-    return _read_embedder_versions(directory / EMBEDDERS_FILE).get(embedder_fingerprint(embedder_settings))
-
-
-def _read_embedder_versions(path: Path) -> dict[str, str]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return recorded_embedder_version(db, embedder_fingerprint(embedder_settings))

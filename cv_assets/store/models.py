@@ -157,6 +157,17 @@ class RecognizedEntity(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
 
 
+class EmbedderVersion(Base):
+    """The model_version an embedder configuration produces (recorded by its last run), keyed by its
+    fingerprint (`cv_assets.events.backfill.embedder_fingerprint`): lets the schedule count
+    what is left for the configured model without loading it."""
+
+    __tablename__ = "embedder_versions"
+    fingerprint: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(256))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+
 class EntityEvent(Base):
     __tablename__ = "entity_events"
     entity_id: Mapped[int] = mapped_column(ForeignKey("recognized_entities.id", ondelete="CASCADE"), primary_key=True)
