@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from cv_assets.defs.events import event_embedding_backfill_job
-from cv_assets.defs.k8s import GPU_POOL_LABEL, K8S_CONFIG_TAG
+from cv_assets.defs.k8s import GPU_POOL_LABEL, GPU_STEP_K8S_CONFIG, K8S_CONFIG_TAG
+from cv_assets.defs.projects import PROJECT_CHAIN
 from cv_assets.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +100,56 @@ def test_helm_values_launch_on_k8s_with_postgres_and_a_gpu_pool():
     assert cpu_pool == {GPU_POOL_LABEL: "cpu"}
     assert gpu["pod_spec_config"]["node_selector"] == {GPU_POOL_LABEL: "gpu"}
     assert gpu["container_config"]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+
+
+GPU_ASSETS = {"reference_embeddings", "frame_embeddings", "asset_appearances"}  # their work is embedding
+
+
+def k8s_config_of(tags) -> dict | None:
+    """The `dagster-k8s/config` of an op's or a job's tags, as dagster-k8s reads it: a JSON
+    string (Dagster encodes a dict given as an op tag)."""
+    value = tags.get(K8S_CONFIG_TAG)
+    return None if value is None else json.loads(value)
+
+
+def test_embedding_steps_ask_for_a_gpu_node_and_every_other_step_does_not(settings_factory):
+    from cv_assets.definitions import build_definitions
+
+    settings, _ = settings_factory()
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("project_reprocess_job")
+    assert GPU_ASSETS < set(PROJECT_CHAIN)
+    for key in PROJECT_CHAIN:
+        op = defs.resolve_assets_def(key).op
+        step = job.graph.node_named(op.name)  # the node the executor turns into a step
+        for tags in (op.tags, step.tags):
+            config = k8s_config_of(tags)
+            if key in GPU_ASSETS:
+                assert config == GPU_STEP_K8S_CONFIG, key
+                assert config["container_config"]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+                assert config["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+            else:  # manifest, video assets (one multi-asset op), continuity, report: CPU nodes
+                assert config is None, key
+    assert k8s_config_of(defs.resolve_assets_def("recurring_visitors").op.tags) is None
+
+
+def test_the_gpu_tag_is_what_dagster_k8s_expects():
+    config = k8s_config_of(event_embedding_backfill_job.tags)
+    assert set(config) == {"container_config", "pod_spec_config"}
+    resources = config["container_config"]["resources"]
+    assert set(resources) == {"requests", "limits"} and resources["requests"]["nvidia.com/gpu"] == "1"
+    assert all(isinstance(v, str) for part in resources.values() for v in part.values())  # k8s quantities
+    pod = config["pod_spec_config"]
+    assert pod["node_selector"] == {GPU_POOL_LABEL: "gpu"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    try:
+        from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
+    except ImportError:  # dagster-k8s is a deploy extra, not a test one: the shape above is the check
+        return
+    parsed = get_user_defined_k8s_config({K8S_CONFIG_TAG: json.dumps(GPU_STEP_K8S_CONFIG)})
+    assert isinstance(parsed, UserDefinedDagsterK8sConfig)
+    assert parsed.container_config["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert parsed.pod_spec_config["node_selector"] == {GPU_POOL_LABEL: "gpu"}
 
 
 def test_the_instance_file_runs_on_a_real_postgresql(pg_server, tmp_path):

@@ -37,6 +37,7 @@ from cv_assets.defs.common import (
     partitioned_check,
     project_asset,
 )
+from cv_assets.defs.k8s import GPU_STEP_TAGS
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, SettingsResource, WarehouseResource
 from cv_assets.embedding.images import ImageError, load_image
@@ -91,7 +92,9 @@ def _quality_table(quality: dict) -> str:
           q["actual"]] for c, q in quality.items()])
 
 
-@project_asset(deps=["frame_embeddings", "reference_embeddings"], group_name="analysis", kinds={"python", "sqlite", "duckdb"})
+# GPU node: clip_match embeds candidate crops of every frame.
+@project_asset(deps=["frame_embeddings", "reference_embeddings"], group_name="analysis",
+               kinds={"python", "sqlite", "duckdb"}, op_tags=GPU_STEP_TAGS)
 def asset_appearances(context: AssetExecutionContext, settings: SettingsResource,
                       app_db: AppDatabaseResource, warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """Where each reference asset appears: scene, frame, time, box, confidence and source.

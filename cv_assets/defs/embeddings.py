@@ -22,6 +22,7 @@ from cv_assets.defs.common import (
     partitioned_check,
     project_asset,
 )
+from cv_assets.defs.k8s import GPU_STEP_TAGS
 from cv_assets.defs.projects import project_or_fail
 from cv_assets.defs.resources import AppDatabaseResource, EmbedderResource, WarehouseResource
 from cv_assets.embedding import ModelUnavailableError
@@ -123,7 +124,7 @@ def _refresh(inputs, stored, embedder: EmbedderResource, app_db: AppDatabaseReso
     return report
 
 
-@project_asset(deps=["project_manifest"], group_name="embeddings", kinds={"python", "sqlite"})
+@project_asset(deps=["project_manifest"], group_name="embeddings", kinds={"python", "sqlite"}, op_tags=GPU_STEP_TAGS)
 def reference_embeddings(
     context: AssetExecutionContext, app_db: AppDatabaseResource, embedder: EmbedderResource
 ) -> MaterializeResult:
@@ -143,7 +144,7 @@ def reference_embeddings(
     return _finish(context, report, "asset", project.root_path)
 
 
-@project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"python", "duckdb"})
+@project_asset(deps=["sampled_frames"], group_name="embeddings", kinds={"python", "duckdb"}, op_tags=GPU_STEP_TAGS)
 def frame_embeddings(context: AssetExecutionContext, app_db: AppDatabaseResource,
                      warehouse: WarehouseResource, embedder: EmbedderResource) -> MaterializeResult:
     """A 512-d unit vector from the configured embedder (CLIP, or the colour-histogram
