@@ -256,8 +256,9 @@ class EventsSettings(_Section):
 class RunsSettings(_Section):
     # How a project run executes its steps. in_process: one process, the model loads once
     # per run (the default). multiprocess: each step in its own process; every step reads
-    # only what the step before stored, so both give the same rows.
-    executor: Literal["in_process", "multiprocess"] = "in_process"
+    # only what the step before stored, so both give the same rows. k8s: each step in its
+    # own Kubernetes Job (dagster-k8s): embedding steps on GPU nodes, the rest on CPU nodes.
+    executor: Literal["in_process", "multiprocess", "k8s"] = "in_process"
 
 
 class Settings(_Section):

@@ -133,6 +133,19 @@ def test_embedding_steps_ask_for_a_gpu_node_and_every_other_step_does_not(settin
     assert k8s_config_of(defs.resolve_assets_def("recurring_visitors").op.tags) is None
 
 
+def test_the_k8s_executor_runs_each_step_as_its_own_job_with_its_tags(settings_factory):
+    """runs.executor k8s: the project job uses dagster-k8s's k8s_job_executor, so each step
+    is a Kubernetes Job and the embedding steps' GPU tags place them."""
+    from dagster_k8s import k8s_job_executor
+
+    from cv_assets.definitions import build_definitions
+
+    settings, _ = settings_factory(runs={"executor": "k8s"})
+    job = build_definitions(settings).resolve_job_def("project_reprocess_job")
+    assert job.executor_def is k8s_job_executor
+    assert k8s_config_of(job.graph.node_named("frame_embeddings").tags) == GPU_STEP_K8S_CONFIG
+
+
 def test_the_gpu_tag_is_what_dagster_k8s_expects():
     config = k8s_config_of(event_embedding_backfill_job.tags)
     assert set(config) == {"container_config", "pod_spec_config"}
@@ -142,10 +155,8 @@ def test_the_gpu_tag_is_what_dagster_k8s_expects():
     pod = config["pod_spec_config"]
     assert pod["node_selector"] == {GPU_POOL_LABEL: "gpu"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    try:
-        from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
-    except ImportError:  # dagster-k8s is a deploy extra, not a test one: the shape above is the check
-        return
+    from dagster_k8s.job import UserDefinedDagsterK8sConfig, get_user_defined_k8s_config
+
     parsed = get_user_defined_k8s_config({K8S_CONFIG_TAG: json.dumps(GPU_STEP_K8S_CONFIG)})
     assert isinstance(parsed, UserDefinedDagsterK8sConfig)
     assert parsed.container_config["resources"]["requests"]["nvidia.com/gpu"] == "1"

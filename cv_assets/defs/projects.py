@@ -21,6 +21,7 @@ from dagster import (
 )
 
 from cv_assets.events.backfill import embedder_fingerprint
+from cv_assets.settings import ConfigError
 from cv_assets.manifest import ManifestError, ProjectKeyConflict, discover_manifests, load_manifest
 from cv_assets.defs.partitions import projects_partitions
 from cv_assets.defs.resources import AppDatabaseResource, SettingsResource
@@ -86,6 +87,20 @@ def project_manifest(context: AssetExecutionContext, settings: SettingsResource,
 EXECUTORS = {"in_process": in_process_executor, "multiprocess": multiprocess_executor}
 
 
+def executor_for(name: str):
+    """`runs.executor` as a Dagster executor. `k8s`: each step is its own Kubernetes Job
+    (dagster-k8s, the deploy extra), so the embedding steps' `dagster-k8s/config` op tags
+    put them on GPU nodes while the other steps stay on CPU nodes."""
+    if name != "k8s":
+        return EXECUTORS[name]
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError as exc:
+        raise ConfigError("runs.executor is 'k8s' but dagster-k8s is not installed "
+                          "(pip install 'cv_assets[deploy]', or use in_process or multiprocess)") from exc
+    return k8s_job_executor
+
+
 def build_project_job(executor: str = "in_process"):
     """The job that materialises one project's whole chain. Every step reads only what the
     step before stored, so any executor gives the same rows; `runs.executor` picks one."""
@@ -93,7 +108,7 @@ def build_project_job(executor: str = "in_process"):
         "project_reprocess_job",
         selection=AssetSelection.assets(*[AssetKey(k) for k in PROJECT_CHAIN]),
         partitions_def=projects_partitions,
-        executor_def=EXECUTORS[executor],
+        executor_def=executor_for(executor),
         tags={"dagster/max_runtime": PROJECT_RUN_MAX_RUNTIME_SEC},
         description="Materialise the whole chain for one project partition (manifest to report).",
     )

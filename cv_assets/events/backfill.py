@@ -355,12 +355,6 @@ def events_left(db: AppDatabase, model_version: str | None, max_attempts: int) -
     return total, remaining
 
 
-def current_model_version(db: AppDatabase) -> str | None:
-    """The model_version the backfill wrote most recently (vector or failure)."""
-    with db.read() as session:
-        return latest_event_model_version(session)
-
-
 # ---------------------------------------------------------------- status
 
 
