@@ -120,6 +120,9 @@ CORRUPT_ERRORS = ("not a valid DuckDB database", "Corrupt database file", "check
 # A concurrent DuckLake commit touched the same table: the whole write is retried.
 CONFLICT_ERRORS = ("Transaction conflict", "conflict")
 CONFLICT_RETRIES = 20
+# Several processes attaching a catalog that does not exist yet: all but the first fail to create it.
+CATALOG_INIT_ERROR = "Failed to initialize DuckLake"
+CATALOG_INIT_RETRIES = 10
 
 
 class WarehouseError(RuntimeError):
@@ -184,13 +187,22 @@ class DuckLake:
         for name in ("ducklake", "postgres"):
             con.execute(f"INSTALL '{duckdb_extension_file(name)}'")
             con.execute(f"LOAD {name}")
-        try:
-            con.execute(f"ATTACH 'ducklake:postgres:{self.catalog_url}' AS lake (DATA_PATH '{self.data_path}')")
-        except duckdb.Error as exc:
-            con.close()
-            raise WarehouseError(f"could not attach the DuckLake catalog {self.catalog_url.split('@')[-1]} "
-                                 f"(data files {self.data_path}): {exc}") from None
-        return con
+        delay = 0.05
+        for attempt in range(CATALOG_INIT_RETRIES):
+            try:
+                con.execute(f"ATTACH 'ducklake:postgres:{self.catalog_url}' AS lake (DATA_PATH '{self.data_path}')")
+                return con
+            except duckdb.Error as exc:
+                # The first ATTACH of a new catalog creates its tables; processes doing that at once
+                # collide in PostgreSQL (duplicate key in pg_type) and all but one fail. Attaching
+                # again finds the catalog the winner created.
+                if attempt < CATALOG_INIT_RETRIES - 1 and CATALOG_INIT_ERROR in str(exc):
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                con.close()
+                raise WarehouseError(f"could not attach the DuckLake catalog {self.catalog_url.split('@')[-1]} "
+                                     f"(data files {self.data_path}): {exc}") from None
 
 
 class Warehouse:

@@ -354,11 +354,11 @@ def _frame_file(path, frames_dir: Path) -> str | None:
 
 
 def warehouse_rows(settings, project: str) -> dict[str, list[tuple]]:
-    """The project's rows in each DuckDB table, without run-specific columns (timings,
+    """The project's rows in each warehouse table, without run-specific columns (timings,
     timestamps) and with paths relative to their store, sorted."""
     from cv_assets.store import Warehouse
 
-    wh = Warehouse(settings.storage.duckdb_path)
+    wh = Warehouse.from_settings(settings.storage)  # the DuckDB file, or the DuckLake at scale
     storage = settings.storage
     clips = wh.query(
         "SELECT scene_index, path, size_bytes, codec, width, height, fps, declared_frames, decoded_frames, "
