@@ -47,6 +47,13 @@ def db(app_db_url):
     return AppDatabase(app_db_url)
 
 
+@pytest.fixture
+def in_memory_index(monkeypatch):
+    """Searches on the in-memory index on both backends, as on SQLite or PostgreSQL without
+    pgvector (with pgvector they run in the database: tests/test_events_pgvector.py)."""
+    monkeypatch.setattr(similarity, "has_vector_index", lambda session: False)
+
+
 @pytest.fixture(autouse=True)
 def fresh_indexes():
     clear_vector_indexes()
@@ -159,6 +166,7 @@ def test_results_match_brute_force_over_random_vectors(db):
 # ---------------------------------------------------------------- the index stays current
 
 
+@pytest.mark.usefixtures("in_memory_index")
 def test_index_picks_up_new_vectors_incrementally(db, tmp_path):
     colour_events(db, ["red", "red", "blue"])
     backfill(db, tmp_path)
@@ -171,6 +179,7 @@ def test_index_picks_up_new_vectors_incrementally(db, tmp_path):
     assert index.full_loads == 0 and index.n == 5  # appended, not reloaded
 
 
+@pytest.mark.usefixtures("in_memory_index")
 def test_re_embedded_events_replace_their_old_rows_without_a_reload(db, tmp_path):
     colour_events(db, ["red", "red", "blue", "blue"])
     backfill(db, tmp_path)
@@ -191,6 +200,7 @@ def test_re_embedded_events_replace_their_old_rows_without_a_reload(db, tmp_path
     assert index.full_loads == 1 and index.dead == 0 and index.n == 4
 
 
+@pytest.mark.usefixtures("in_memory_index")
 def test_a_warm_index_gives_what_a_cold_process_gives(db, tmp_path, monkeypatch):
     """The per-process index is an optimisation only: after adds, a re-embedding and a
     deletion, its answers equal those of a process that loads everything afresh."""
@@ -221,6 +231,7 @@ def test_a_warm_index_gives_what_a_cold_process_gives(db, tmp_path, monkeypatch)
     assert "evt-0001" not in {e for matches in cold.values() for e, _ in matches}
 
 
+@pytest.mark.usefixtures("in_memory_index")
 def test_deleted_events_vanish_from_results_at_once_and_from_the_index_at_the_next_check(db, tmp_path, monkeypatch):
     colour_events(db, ["red", "red", "red", "blue"])
     backfill(db, tmp_path)
@@ -274,6 +285,7 @@ def test_a_damaged_snapshot_is_ignored(file_db, tmp_path, monkeypatch):
     assert not vector_index(db, "mean-colour-v1").loaded_from_snapshot
 
 
+@pytest.mark.usefixtures("in_memory_index")
 def test_reused_top_row_id_is_detected(db, tmp_path):
     colour_events(db, ["red", "red", "blue"])
     backfill(db, tmp_path)

@@ -1,5 +1,9 @@
 """Similar-event and text search over stored event vectors.
 
+On PostgreSQL with pgvector (migration 0004) both searches run in the database through
+its HNSW index (`cv_assets/store/events.py: nearest_events`): nothing is held here. Elsewhere
+(SQLite, vectors pgvector does not hold) they use the in-memory index below.
+
 Vectors live in SQLite as JSON text (the inherited contract); parsing 100k of them takes
 seconds, far too slow per query. So each process keeps one in-memory index per
 (database, model_version): event ids, cameras, start times and a float32 matrix. A
@@ -31,7 +35,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +45,15 @@ from sqlalchemy.orm import Session
 from cv_assets.events.backfill import EventNotFoundError, cache_dir
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.events import (
+    VECTOR_INDEX_DIMENSIONS,
     count_vectors,
     event_details,
     get_event,
     get_event_embedding_info,
+    has_vector_index,
+    indexed_event_vector,
     iter_vector_rows,
+    nearest_events,
     newest_vector_row,
     vector_row_ids,
 )
@@ -529,6 +537,17 @@ def similar_events(
         if vector is None:
             raise NoEmbeddingError(event_id) if get_event(session, event_id) else EventNotFoundError(event_id)
         own = vector.model_version
+        own_vector = indexed_event_vector(session, event_id) if has_vector_index(session) else None
+        if own_vector is not None:
+            started_from = started_to = None
+            if days:
+                started = get_event(session, event_id).started_at
+                started_from, started_to = started - timedelta(days=days), started + timedelta(days=days)
+            matches, searched = _pgvector_search(
+                session, own, own_vector, limit=limit, min_similarity=min_similarity, camera=camera,
+                started_from=started_from, started_to=started_to, exclude=event_id,
+            )
+            return SimilarResult(own, matches, searched, event_id=event_id)
         # One read transaction for lookup, refresh and details: a consistent view, one round of set-up.
         index = vector_index(db, own, session)
         with index.lock:
@@ -546,6 +565,26 @@ def similar_events(
             searched = index.live_count
         matches = _matches(session, ranked, limit)
     return SimilarResult(own, matches, searched, event_id=event_id)
+
+
+def _pgvector_search(
+    session: Session,
+    model_version: str,
+    query: np.ndarray,
+    *,
+    limit: int,
+    min_similarity: float | None,
+    camera: str | None,
+    started_from: datetime | None = None,
+    started_to: datetime | None = None,
+    exclude: str | None = None,
+) -> tuple[list[Match], int]:
+    """(matches, vectors searched) from pgvector's HNSW index: nothing held in this process,
+    and the filters run inside the index scan."""
+    rows = nearest_events(session, model_version, query, limit, camera=camera, started_from=started_from,
+                          started_to=started_to, exclude_event_id=exclude, min_similarity=min_similarity)
+    matches = [Match(row.event_id, row.camera_id, row.started_at, row.label, float(row.similarity)) for row in rows]
+    return matches, count_vectors(session, model_version)
 
 
 @dataclass(frozen=True)
@@ -582,6 +621,10 @@ def search_events_by_text(
         raise TextSearchUnavailableError(_no_text_message(embedder)) from None
     query = query / (np.linalg.norm(query) or 1.0)
     with db.read() as session:
+        if query.shape[0] == VECTOR_INDEX_DIMENSIONS and has_vector_index(session):
+            matches, searched = _pgvector_search(session, embedder.model_version, query, limit=limit,
+                                                 min_similarity=min_similarity, camera=camera, started_from=since)
+            return TextSearchResult(embedder.model_version, matches, searched, text=text)
         index = vector_index(db, embedder.model_version, session)
         with index.lock:
             window = (int(np.datetime64(since, "us").astype(np.int64)), np.iinfo(np.int64).max) if since else None

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from cv_assets.store.failures import FAILURES, chunks, clear_failures, record_failures
 from cv_assets.store.models import Event, EventEmbedding, utcnow
-from cv_assets.store.vectors import vector_to_json
+from cv_assets.store.vectors import vector_from_json, vector_to_json
 
 EVENT_ITEM_KIND = "event"  # item_kind of an event's rows in embedding_failures
 MODES = ("missing", "all")
@@ -334,18 +334,105 @@ def has_vector_index(session: Session) -> bool:
     return session.execute(query).first() is not None
 
 
-def nearest_event_vectors(
-    session: Session, model_version: str, query: np.ndarray, limit: int, *, ef_search: int | None = None
-) -> list[tuple[str, float]]:
-    """(event_id, cosine similarity) of the `limit` nearest vectors of `model_version`, from
-    the HNSW index (approximate). `ef_search` widens the graph search (pgvector's default 40)."""
-    if ef_search is not None:
-        session.execute(text(f"SET LOCAL hnsw.ef_search = {int(ef_search)}"))
-    rows = session.execute(
-        text("SELECT event_id, 1 - (embedding_vector <=> CAST(:q AS vector)) AS similarity FROM event_embeddings "
-             "WHERE model_version = :version AND embedding_vector IS NOT NULL "
-             "ORDER BY embedding_vector <=> CAST(:q AS vector) LIMIT :limit"),
-        {"q": vector_to_json(query), "version": model_version, "limit": int(limit)},
-    )
-    return [(event_id, float(similarity)) for event_id, similarity in rows]
+VECTOR_INDEX_DIMENSIONS = 512  # migration 0004's vector(512): other sizes keep only their JSON form
+EF_SEARCH = 100  # HNSW candidate list (pgvector's default 40): recall@10 1.000 at 100k in benchmarks/scale.py
+_MAX_EF_SEARCH = 1000  # pgvector's ceiling for hnsw.ef_search
+_ITERATIVE_SCAN = (0, 8)  # the first pgvector release with iterative index scans
 
+
+def vector_extension_version(session: Session) -> tuple[int, ...] | None:
+    """pgvector's installed version, e.g. (0, 8, 0); None where it is not installed."""
+    version = session.execute(text("SELECT extversion FROM pg_extension WHERE extname = 'vector'")).scalar()
+    return None if version is None else tuple(int(part) for part in version.split(".") if part.isdigit())
+
+
+def indexed_event_vector(session: Session, event_id: str) -> np.ndarray | None:
+    """The event's vector when pgvector holds it too (None: no vector, or not 512-d)."""
+    stored = session.execute(
+        text("SELECT embedding FROM event_embeddings WHERE event_id = :id AND embedding_vector IS NOT NULL"),
+        {"id": event_id},
+    ).scalar()
+    return None if stored is None else vector_from_json(stored)
+
+
+def nearest_events(
+    session: Session,
+    model_version: str,
+    query: np.ndarray,
+    limit: int,
+    *,
+    camera: str | None = None,
+    started_from: datetime | None = None,
+    started_to: datetime | None = None,
+    exclude_event_id: str | None = None,
+    min_similarity: float | None = None,
+    ef_search: int = EF_SEARCH,
+) -> list[Row]:
+    """(event_id, camera_id, started_at, label, similarity) of the `limit` events of
+    `model_version` nearest to `query` (cosine) that pass the filters, best first.
+
+    The filters sit in the HNSW query, which filters what the index yields: on pgvector
+    >= 0.8 it scans on until `limit` rows pass (iterative scan), before that it stops at
+    `ef_search` candidates. Where it still yields fewer than `limit` rows, all above the
+    floor, an exact search over the filtered rows decides, so a short list means there are
+    no more. The floor is applied last, as pgvector advises (a distance filter inside the
+    scan would make it walk the whole index)."""
+    _tune_hnsw(session, min(max(ef_search, limit), _MAX_EF_SEARCH))
+    filters, params = _nearest_filters(model_version, query, camera, started_from, started_to, exclude_event_id)
+    params["limit"] = int(limit)
+    rows = session.execute(text(_nearest_sql(filters, exact=False)), params).all()
+    floor = -np.inf if min_similarity is None else min_similarity
+    if len(rows) < limit and all(row.similarity >= floor for row in rows):
+        rows = session.execute(text(_nearest_sql(filters, exact=True)), params).all()
+    return [row for row in rows if row.similarity >= floor]
+
+
+def _tune_hnsw(session: Session, ef_search: int) -> None:
+    """This transaction's HNSW settings: the candidate list, and on pgvector >= 0.8 iterative
+    scans in relaxed order (better recall; `_nearest_sql` re-sorts)."""
+    session.execute(text("SELECT set_config('hnsw.ef_search', :ef, true)"), {"ef": str(ef_search)})
+    version = vector_extension_version(session)
+    if version is not None and version >= _ITERATIVE_SCAN:
+        session.execute(text("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"))
+
+
+def _nearest_filters(
+    model_version: str, query: np.ndarray, camera: str | None, started_from: datetime | None,
+    started_to: datetime | None, exclude_event_id: str | None,
+) -> tuple[list[str], dict]:
+    """WHERE clauses (fixed strings, values bound) and their parameters."""
+    filters = ["v.model_version = :version", "v.embedding_vector IS NOT NULL"]
+    params: dict = {"q": vector_to_json(query), "version": model_version}
+    for clause, name, value in (
+        ("e.camera_id = :camera", "camera", camera),
+        ("e.started_at >= :started_from", "started_from", started_from),
+        ("e.started_at <= :started_to", "started_to", started_to),
+        ("v.event_id <> :exclude", "exclude", exclude_event_id),
+    ):
+        if value is not None:
+            filters.append(clause)
+            params[name] = value
+    return filters, params
+
+
+def _nearest_sql(filters: Sequence[str], *, exact: bool) -> str:
+    """The top `:limit` by cosine distance in a materialized CTE, re-sorted outside it
+    (relaxed order; ties by row id). `exact`: `+ 0` keeps the HNSW index out of the order."""
+    distance = "(v.embedding_vector <=> CAST(:q AS vector))"
+    order = f"{distance} + 0, v.id" if exact else distance
+    return (
+        f"WITH nearest AS MATERIALIZED (SELECT v.id, v.event_id, e.camera_id, e.started_at, e.label, "
+        f"{distance} AS distance FROM event_embeddings v JOIN events e ON e.id = v.event_id "
+        f"WHERE {' AND '.join(filters)} ORDER BY {order} LIMIT :limit) "
+        "SELECT event_id, camera_id, started_at, label, 1 - distance AS similarity FROM nearest "
+        "ORDER BY distance + 0, id"
+    )
+
+
+def nearest_event_vectors(
+    session: Session, model_version: str, query: np.ndarray, limit: int, *, ef_search: int = EF_SEARCH
+) -> list[tuple[str, float]]:
+    """(event_id, cosine similarity) of the `limit` nearest vectors of `model_version`
+    (`nearest_events` without filters)."""
+    rows = nearest_events(session, model_version, query, limit, ef_search=ef_search)
+    return [(row.event_id, float(row.similarity)) for row in rows]
