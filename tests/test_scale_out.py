@@ -15,6 +15,7 @@ and the instance recorded every run as a success (the killed one stays STARTED).
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -101,24 +102,24 @@ def test_workers_on_postgresql_and_ducklake_store_the_rows_of_a_sequential_local
     go, marker = tmp_path / "go", tmp_path / "held"
     ids_logs = {f"b{i}": tmp_path / f"b{i}.ids" for i in range(BACKFILL_WORKERS)}
     with h.children() as kids:
-        # The worker to be killed claims the oldest batch and stops inside it, rows locked.
+        # The worker to be killed claims the oldest batch and stops inside it, rows locked,
+        # while the others start up and wait for the go.
         holder = so.start_backfill_worker(scaled.config, home, tmp_path / "holder.ids", tmp_path / "holder.log",
                                           hold=marker)
-        kids.append(holder)
-        h.wait_for_marker(marker, holder, WAIT_SEC)
-        claimed = json.loads(marker.with_name(marker.name + ".ids.json").read_text())
-        assert claimed == good[:BATCH]
-
         projects = {key: h.start_project_run(scaled.config, [key], tmp_path / f"project_{key}.log",
                                              dagster_home=home, go_file=go) for key in keys}
         workers = {name: so.start_backfill_worker(scaled.config, home, path, tmp_path / f"{name}.log", go_file=go)
                    for name, path in ids_logs.items()}
-        kids += [*projects.values(), *workers.values()]
+        kids += [holder, *projects.values(), *workers.values()]
+        h.wait_for_marker(marker, holder, WAIT_SEC)
+        claimed = json.loads(marker.with_name(marker.name + ".ids.json").read_text())
+        assert claimed == good[:BATCH]
         h.release_together(go, [*projects.values(), *workers.values()], WAIT_SEC)
         # Killed mid-batch once another worker has stored a batch (passing over the held rows).
         wait_for_a_stored_batch(ids_logs.values(), [*projects.values(), *workers.values()])
         before_kill = [i for path in ids_logs.values() for batch in so.logged_batches(path) for i in batch]
         holder.kill()
+        assert holder.proc.returncode == -signal.SIGKILL
         project_results = {key: h.assert_child_succeeded(kid, WAIT_SEC) for key, kid in projects.items()}
         worker_results = {name: h.assert_child_succeeded(kid, WAIT_SEC) for name, kid in workers.items()}
         outputs = {f"project {key}": kid.output() for key, kid in projects.items()}
