@@ -95,7 +95,7 @@ def sensor_tick_seconds(root: Path, runs: int) -> list[float]:
 
     config = root / "config.yaml"
     config.write_text(_yaml.safe_dump({"storage": {
-        "sqlite_url": f"sqlite:///{root / 'app.sqlite'}", "duckdb_path": str(root / "warehouse.duckdb"),
+        "database_url": f"sqlite:///{root / 'app.sqlite'}", "duckdb_path": str(root / "warehouse.duckdb"),
         "projects_root": str(root / "projects")}}))
     settings = load_settings(config, env={})
     resources = {"settings": SettingsResource.from_settings(settings), "app_db": build_resources(settings)["app_db"]}

@@ -45,7 +45,7 @@ def write_config(store: Path, demo: Path, model_dir: Path, variant: dict, execut
     config = {
         "runs": {"executor": executor},
         "cv_analysis": {"max_frames_per_clip": max_frames} if max_frames else {},
-        "storage": {"sqlite_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
+        "storage": {"database_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
                     "reports_dir": "reports", "projects_root": str(demo / "projects"),
                     "thumbnails_root": str(demo / "thumbnails")},
         "embedder": {"model": str(model_dir), "fallback": "none", "device": "cpu",
@@ -119,11 +119,13 @@ def decode_floor(clips: list[Path]) -> float:
     return time.perf_counter() - started
 
 
-def forward_floor(model_dir: Path, n_images: int, batch: int) -> float:
+def forward_floor(model_dir: Path, n_images: int, batch: int, variant: dict) -> float:
+    """The forward passes alone of `n_images` in the variant's backend and precision."""
     from cv_assets.embedding import get_embedder
     from cv_assets.settings import EmbedderSettings
 
-    embedder = get_embedder(EmbedderSettings(model=str(model_dir), device="cpu", batch_size=batch))
+    embedder = get_embedder(EmbedderSettings(model=str(model_dir), device="cpu", batch_size=batch,
+                                             **variant.get("embedder", {})))
     pixels = torch.randn(batch, 3, 224, 224)
     embedder.forward(pixels[:2])  # load and warm up outside the timing
     started = time.perf_counter()
@@ -151,28 +153,36 @@ def main() -> None:
         batch = load_settings(write_config(root / "probe", root / "demo", model_dir, OLD)).embedder.batch_size
 
         frames = 3 if args.quick else None  # both configurations embed the same frames
-        old, new, decode, forward = [], [], [], []
+        old, new, decode, forward, new_forward = [], [], [], [], []
         for i in range(repeats):  # interleaved, so load on the shared machine hits both alike
             old.append(run_in_process(write_config(root / f"old{i}", root / "demo", model_dir, OLD, max_frames=frames)))
             new.append(run_in_process(write_config(root / f"new{i}", root / "demo", model_dir, NEW, max_frames=frames)))
             decode.append(decode_floor(clips))
-            forward.append(forward_floor(model_dir, old[-1][1], batch))
+            forward.append(forward_floor(model_dir, old[-1][1], batch, OLD))
+            new_forward.append(forward_floor(model_dir, new[-1][1], batch, NEW))
             print(f"run {i + 1}/{repeats}: old {old[-1][0]:.1f}s ({old[-1][1]} images, {old[-1][2]:.0f} forwards/frame)  "
                   f"new {new[-1][0]:.1f}s ({new[-1][1]} images, {new[-1][2]:.0f} forwards/frame)  "
-                  f"decode {decode[-1]:.2f}s  forward {forward[-1]:.1f}s")
+                  f"decode {decode[-1]:.2f}s  forward old {forward[-1]:.1f}s new {new_forward[-1]:.1f}s")
 
         o, n = statistics.median(r[0] for r in old), statistics.median(r[0] for r in new)
-        d, f = statistics.median(decode), statistics.median(forward)
+        d, f, nf = statistics.median(decode), statistics.median(forward), statistics.median(new_forward)
+        runtime = load_settings(write_config(root / "probe_new", root / "demo", model_dir, NEW)).embedder
+        from cv_assets.embedding.runtime import choose_runtime, probe_capabilities
+
+        chosen = choose_runtime("cpu", runtime.backend, runtime.precision, probe_capabilities())
         print(f"\ndemo project: {len(clips)} scenes")
         print(f"  old configuration (torch fp32, exhaustive grid)   {o:8.1f} s, {old[-1][2]:.0f} forwards/frame")
         print(f"  new default (backend/precision auto, coarse-to-fine) {n:8.1f} s, {new[-1][2]:.0f} forwards/frame")
         print(f"  floor of the old run: decode {d:.2f} s + torch fp32 forward {f:.1f} s = {d + f:8.1f} s")
+        print(f"  floor of the new run: decode {d:.2f} s + {chosen.backend} {chosen.precision} forward {nf:.1f} s "
+              f"= {d + nf:8.1f} s")
 
         mp = None
         if not args.skip_multiprocess:
             mp = run_multiprocess(write_config(root / "multiproc", root / "demo", model_dir, NEW, "multiprocess"))
             print(f"  new default, multiprocess executor               {mp:8.1f} s  ({mp / n:.2f}x the in-process run)")
         print(f"RATIO pipeline_old_vs_floor {o / (d + f):.2f} target <= 1.3")
+        print(f"RATIO pipeline_new_vs_floor {n / (d + nf):.2f} target <= 1.3")
         print(f"RATIO pipeline_new_vs_old_speedup {o / n:.2f} target >= 5.0")
         print(f"RATIO forwards_per_frame_new {new[-1][2]:.1f} target <= 40")
         if mp is not None:

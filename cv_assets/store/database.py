@@ -111,7 +111,7 @@ class AppDatabase:
         if "not a database" in reason or "malformed" in reason:
             hint = "The file is not an SQLite database or is damaged: restore it from a backup, or move it aside to start empty"
         else:
-            hint = ("Check that the folder and the file are writable by this user, or point storage.sqlite_url "
+            hint = ("Check that the folder and the file are writable by this user, or point storage.database_url "
                     "at a writable location")
             if not self.is_sqlite:
                 hint = ("Check that the PostgreSQL server in storage.database_url is running, reachable, and that "
@@ -175,7 +175,7 @@ def _make_engine(url: str) -> Engine:
         except OSError as exc:
             raise DatabaseUnavailableError(
                 f"cannot create the folder of the application database {path}: {exc.strerror or exc}. "
-                "Point storage.sqlite_url at a writable location"
+                "Point storage.database_url at a writable location"
             ) from None
     engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
 
