@@ -15,6 +15,7 @@ and the instance recorded every run as a success (the killed one stays STARTED).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import signal
 import time
 
@@ -66,6 +67,25 @@ def wait_for_a_stored_batch(ids_logs, kids) -> None:
             assert kid.proc.poll() in (None, 0), f"child {kid.pid} exited {kid.proc.returncode}:\n{kid.output()[-6000:]}"
         assert time.monotonic() < deadline, "no backfill worker stored a batch in time"
         time.sleep(0.05)
+
+
+def test_processes_creating_a_new_ducklake_catalog_at_once_all_attach(pg_server, scale_databases, tmp_path):
+    """The first use of a new DuckLake creates its catalog tables; pods starting together
+    all do that at once, and all but one used to fail (duplicate key in PostgreSQL's pg_type)."""
+    lake = {"path": tmp_path / "unused.duckdb", "ducklake_data_path": str(tmp_path / "lake"),
+            "ducklake_catalog_url": f"postgresql://postgres@/{scale_databases['lake']}?host={so.socket_dir(pg_server)}"}
+    ctx = multiprocessing.get_context("spawn")
+    start, errors = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=so.attach_new_lake, args=(lake, start, errors)) for _ in range(3)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=WAIT_SEC)
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+    reported = [errors.get(timeout=1) for _ in range(errors.qsize())] if not errors.empty() else []
+    assert [p.exitcode for p in procs] == [0, 0, 0], reported
 
 
 @pytest.mark.slow

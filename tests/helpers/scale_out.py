@@ -145,6 +145,21 @@ def write_postgres_dagster_home(path: Path, postgres_url: str) -> Path:
     return path
 
 
+def attach_new_lake(lake: dict, start, errors) -> None:
+    """A process's first use of a DuckLake whose catalog nobody has created yet (spawned by
+    the test several at once: they all try to create it)."""
+    import traceback
+
+    from cv_assets.store.warehouse import Warehouse
+
+    try:
+        start.wait(timeout=60)
+        Warehouse(**lake)
+    except BaseException:
+        errors.put(traceback.format_exc())
+        raise
+
+
 # ------------------------------------------------------------------ the backfill through Dagster
 
 
