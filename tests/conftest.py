@@ -98,16 +98,18 @@ def settings_factory(tmp_path, tiny_clip_dir):
     def make(**overrides):
         base = {
             "storage": {
-                "sqlite_url": f"sqlite:///{tmp_path / 'app.sqlite'}",
+                "database_url": f"sqlite:///{tmp_path / 'app.sqlite'}",
                 "duckdb_path": str(tmp_path / "warehouse.duckdb"),
                 "frames_dir": str(tmp_path / "frames"),
                 "reports_dir": str(tmp_path / "reports"),
                 "projects_root": str(tmp_path / "projects"),
                 "thumbnails_root": str(tmp_path / "thumbnails"),
             },
-            # torch: the behaviour under test is the embedder's, not a backend's (the OpenVINO
-            # path, converted and cached per checkpoint, has its own tests).
+            # torch fp32: the behaviour under test is the embedder's, not a backend's or a number
+            # format's, and the same on every CPU (auto picks bf16 where the CPU has it). The
+            # OpenVINO path and every precision have their own tests (test_embedding_backends).
             "embedder": {"model": str(tiny_clip_dir), "fallback": "none", "device": "cpu", "backend": "torch",
+                         "precision": "fp32",
                          "compiled_cache_dir": str(tmp_path / "openvino")},
         }
         config = _deep_merge(base, overrides)
