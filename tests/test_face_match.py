@@ -289,7 +289,7 @@ def test_face_match_through_the_chain_on_a_clip(tmp_path, scene, references):
         {"index": 1, "clip": "scene1.mp4", "expected_assets": ["ASTRONAUT", "HOPPER"]}]}, sort_keys=False))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "storage": {"sqlite_url": f"sqlite:///{tmp_path / 'app.sqlite'}", "duckdb_path": str(tmp_path / "wh.duckdb"),
+        "storage": {"database_url": f"sqlite:///{tmp_path / 'app.sqlite'}", "duckdb_path": str(tmp_path / "wh.duckdb"),
                     "frames_dir": str(tmp_path / "frames"), "reports_dir": str(tmp_path / "reports"),
                     "projects_root": str(tmp_path / "projects"), "thumbnails_root": str(tmp_path / "thumbnails")},
         "embedder": {"model": str(tmp_path / "no-model"), "fallback": "color_histogram", "device": "cpu"},

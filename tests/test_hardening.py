@@ -387,7 +387,7 @@ def _read_only_sqlite_url(tmp_path: Path) -> str:
 
 
 def test_db_upgrade_on_a_read_only_location_is_one_line(settings_factory, tmp_path):
-    _, config = settings_factory(storage={"sqlite_url": _read_only_sqlite_url(tmp_path)})
+    _, config = settings_factory(storage={"database_url": _read_only_sqlite_url(tmp_path)})
     done = run_cli("--config", config, "db", "upgrade", timeout=120)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr

@@ -32,7 +32,7 @@ def demo_env(tmp_path_factory):
     write_demo_data(root, scene_seconds=8.0, n_events=40)
     cfg = root / "config.yaml"
     cfg.write_text(yaml.safe_dump({
-        "storage": {"sqlite_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
+        "storage": {"database_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "frames_dir": "frames",
                     "reports_dir": "reports", "projects_root": "projects", "thumbnails_root": "thumbnails"},
         # No CLIP weights on CI machines: the explicit, separately versioned fallback.
         "embedder": {"model": str(root / "no-such-model"), "fallback": "color_histogram", "device": "cpu"},

@@ -38,7 +38,7 @@ def write_project(root, key, n_scenes=2, codes=("CHAR_01", "PROP_01"), **overrid
 def env(tmp_path):
     cfg = tmp_path / "config.yaml"
     cfg.write_text(yaml.safe_dump({"storage": {
-        "sqlite_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "projects_root": "projects",
+        "database_url": "sqlite:///app.sqlite", "duckdb_path": "wh.duckdb", "projects_root": "projects",
         "frames_dir": "frames", "reports_dir": "reports", "thumbnails_root": "thumbs"}}))
     settings = load_settings(cfg)
     settings.storage.projects_root.mkdir()

@@ -97,7 +97,7 @@ def _project(tmp_path, scenes: list[dict], ground_truth=None) -> tuple:
     (root / "project.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
-        "storage": {"sqlite_url": f"sqlite:///{tmp_path / 'app.sqlite'}", "duckdb_path": str(tmp_path / "wh.duckdb"),
+        "storage": {"database_url": f"sqlite:///{tmp_path / 'app.sqlite'}", "duckdb_path": str(tmp_path / "wh.duckdb"),
                     "frames_dir": str(tmp_path / "frames"), "reports_dir": str(tmp_path / "reports"),
                     "projects_root": str(tmp_path / "projects"), "thumbnails_root": str(tmp_path / "thumbnails")},
         "embedder": {"model": str(tmp_path / "no-model"), "fallback": "color_histogram", "device": "cpu"},
