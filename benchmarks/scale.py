@@ -302,7 +302,7 @@ def _timed_searches(search, anchors, truth) -> tuple[float, float, float]:
     return statistics.mean(recalls), statistics.median(latencies), full / len(anchors)
 
 
-def bench_pgvector(server, count: int, queries: int) -> dict[str, float]:
+def bench_pgvector(server, count: int, queries: int, ef_sweep: list[int]) -> dict[str, float]:
     """Similar-event search through the code path the application runs: the public
     `similar_events` (event lookup, `nearest_events` on the HNSW index, the count of
     vectors searched) and `nearest_events` alone, unfiltered and for a rare camera, against
@@ -311,7 +311,8 @@ def bench_pgvector(server, count: int, queries: int) -> dict[str, float]:
 
     from cv_assets.events.search import similar_events
     from cv_assets.store import AppDatabase
-    from cv_assets.store.events import EF_SEARCH, nearest_events, vector_extension_version
+    from cv_assets.settings import EventsSettings
+    from cv_assets.store.events import nearest_events, vector_extension_version
 
     url = fresh_database(server, "bench_vectors")
     db = AppDatabase(url)
@@ -328,15 +329,21 @@ def bench_pgvector(server, count: int, queries: int) -> dict[str, float]:
     rare[7::100] = True
     truth, rare_truth = _exact_top10(stored, anchors), _exact_top10(stored, anchors, rare)
 
-    def nearest(anchor):
+    ef_search = EventsSettings().hnsw_ef_search  # what the application uses by default
+
+    def nearest(anchor, ef=ef_search):
         with db.read() as session:
-            rows = nearest_events(session, "m", stored[anchor], 10, exclude_event_id=f"v{anchor:07d}")
+            rows = nearest_events(session, "m", stored[anchor], 10, exclude_event_id=f"v{anchor:07d}", ef_search=ef)
         return [row.event_id for row in rows]
 
     def similar(anchor, camera=None):
-        result = similar_events(db, f"v{anchor:07d}", limit=10, min_similarity=-1.0, days=0, camera=camera)
+        result = similar_events(db, f"v{anchor:07d}", limit=10, min_similarity=-1.0, days=0, camera=camera,
+                                ef_search=ef_search)
         return [match.event_id for match in result.matches]
 
+    for ef in ef_sweep:  # recall against latency: what events.hnsw_ef_search trades
+        recall, ms, _ = _timed_searches(lambda anchor: nearest(anchor, ef), anchors, truth)
+        print(f"  ef_search {ef:4d}: nearest_events recall@10 {recall:.3f}, median {ms:.2f} ms")
     figures = {}
     figures["store_recall"], figures["store_ms"], _ = _timed_searches(nearest, anchors, truth)
     figures["recall"], figures["median_ms"], _ = _timed_searches(similar, anchors, truth)
@@ -351,7 +358,7 @@ def bench_pgvector(server, count: int, queries: int) -> dict[str, float]:
                                  "LIMIT 10"), {"q": "[" + ",".join(map(str, stored[anchor].tolist())) + "]"}).all()
             exact_latencies.append((time.perf_counter() - started) * 1000)
     figures["exact_ms"] = statistics.median(exact_latencies)
-    print(f"pgvector {version} @ {count} ({queries} queries, ef_search {EF_SEARCH}, exact recall from numpy):\n"
+    print(f"pgvector {version} @ {count} ({queries} queries, ef_search {ef_search}, exact recall from numpy):\n"
           f"  similar_events:            recall@10 {figures['recall']:.3f}, median {figures['median_ms']:.2f} ms "
           f"(with the event lookup and the count of vectors searched)\n"
           f"  nearest_events alone:      recall@10 {figures['store_recall']:.3f}, median {figures['store_ms']:.2f} ms\n"
@@ -372,6 +379,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts (repeatable)")
+    parser.add_argument("--ef-sweep", type=lambda v: [int(x) for x in v.split(",")], default=[],
+                        help="also measure nearest_events at these hnsw.ef_search values, e.g. 100,200,400")
     parser.add_argument("--vectors", type=int, help="pgvector table size (default 20k quick, 200k full; 1000000 for 1M)")
     args = parser.parse_args()
     parts = set(args.only or PARTS)
@@ -401,7 +410,7 @@ def main() -> int:
             warehouse_overhead = bench_warehouse(server, tmp, repeats=5 if args.quick else 20)
             ratios.append(f"RATIO warehouse_ducklake_vs_duckdb {warehouse_overhead:.2f} target <= {TARGET_OVERHEAD}")
         if "pgvector" in parts:
-            figures = bench_pgvector(server, vectors, queries)
+            figures = bench_pgvector(server, vectors, queries, args.ef_sweep)
             size = _size_label(vectors)
             ratios += [f"RATIO pgvector_recall_at_10_{size} {figures['recall']:.3f} target >= {TARGET_RECALL}",
                        f"RATIO pgvector_camera_filter_recall_at_10_{size} {figures['rare_recall']:.3f} "

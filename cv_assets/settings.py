@@ -238,6 +238,9 @@ class EventsSettings(_Section):
     visitor_recluster_cron: Cron = "0 3 * * *"  # nightly full re-grouping of recurring visitors
     similar_min_similarity: Fraction = 0.7
     similar_limit: int = Field(10, ge=1, le=1000)
+    # On PostgreSQL with pgvector: the HNSW candidate list per search (hnsw.ef_search). Higher
+    # finds more of the true nearest at more cost (benchmarks/scale.py measures recall and latency).
+    hnsw_ef_search: int = Field(200, ge=10, le=1000)
     similar_days: int = Field(30, ge=1)
     max_attempts: int = Field(3, ge=1, le=100)
     thumbnail_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)

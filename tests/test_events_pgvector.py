@@ -206,3 +206,33 @@ def test_pgvector_version_is_known(postgres_url):
     with db.read() as session:
         assert has_vector_index(session)  # the session's database is migrated on first use
         assert vector_extension_version(session) >= (0, 5)
+
+
+def test_searched_is_exact_on_small_tables_and_the_planner_estimate_on_large_ones(postgres_url, monkeypatch):
+    """An exact count of a million vectors costs more than the search: above EXACT_COUNT_BELOW
+    rows the planner's estimate stands in, and the result says so."""
+    from cv_assets.store import events as store_events
+
+    db = AppDatabase(postgres_url)
+    load(db, random_events())
+    exact_result = similar_events(db, "r0000", limit=3, min_similarity=-1.0, days=0)
+    assert (exact_result.searched, exact_result.searched_is_estimate) == (N, False)
+    assert exact_result.searched_text == f"{N} vectors searched"
+    with db.write() as session:
+        session.execute(text("ANALYZE event_embeddings"))
+    monkeypatch.setattr(store_events, "EXACT_COUNT_BELOW", 10)
+    estimated = similar_events(db, "r0000", limit=3, min_similarity=-1.0, days=0)
+    assert estimated.searched_is_estimate and estimated.as_dict()["searched_is_estimate"] is True
+    assert abs(estimated.searched - N) <= N // 10  # ANALYZE saw every row of this small table
+    assert estimated.searched_text.startswith("about ") and ids(estimated) == ids(exact_result)
+
+
+def test_ef_search_reaches_the_index_scan(postgres_url):
+    """events.hnsw_ef_search is the transaction's hnsw.ef_search (at least the limit asked for)."""
+    db = AppDatabase(postgres_url)
+    load(db, random_events())
+    query = random_events()[3][0]
+    for ef, limit, expected in ((64, 10, "64"), (300, 10, "300"), (10, 50, "50")):
+        with db.read() as session:
+            nearest_events(session, "rand", query, limit, ef_search=ef)
+            assert session.execute(text("SHOW hnsw.ef_search")).scalar() == expected

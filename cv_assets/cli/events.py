@@ -260,8 +260,9 @@ def _similar(args, settings: Settings) -> int:
         min_similarity=events.similar_min_similarity if args.min_similarity is None else args.min_similarity,
         days=events.similar_days if args.days is None else args.days,
         camera=args.camera,
+        ef_search=events.hnsw_ef_search,
     )
-    header = f"events like {result.event_id} ({result.model_version}, {result.searched} vectors searched):"
+    header = f"events like {result.event_id} ({result.model_version}, {result.searched_text}):"
     _emit(args, result.as_dict(), [header, *_matches_lines(result.matches)])
     return EXIT_OK
 
@@ -274,8 +275,9 @@ def _search(args, settings: Settings) -> int:
     result = search_events_by_text(
         _database(settings), _embedder(settings), args.text, limit=args.limit or settings.events.similar_limit,
         min_similarity=args.min_similarity, camera=args.camera, since=since,
+        ef_search=settings.events.hnsw_ef_search,
     )
-    header = f"events matching {result.text!r} ({result.model_version}, {result.searched} vectors searched):"
+    header = f"events matching {result.text!r} ({result.model_version}, {result.searched_text}):"
     _emit(args, result.as_dict(), [header, *_matches_lines(result.matches)])
     return EXIT_OK
 

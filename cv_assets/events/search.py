@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 from cv_assets.events.backfill import EventNotFoundError, cache_dir
 from cv_assets.store.database import AppDatabase
 from cv_assets.store.events import (
+    EF_SEARCH,
     VECTOR_INDEX_DIMENSIONS,
     count_vectors,
     event_details,
@@ -55,6 +56,7 @@ from cv_assets.store.events import (
     iter_vector_rows,
     nearest_events,
     newest_vector_row,
+    vector_count_estimate,
     vector_row_ids,
 )
 
@@ -503,11 +505,18 @@ class SearchResult:
     model_version: str
     matches: list[Match]
     searched: int
+    # True where `searched` is PostgreSQL's estimate (large tables; an exact count would cost
+    # more than the index search itself).
+    searched_is_estimate: bool = False
 
     def as_dict(self) -> dict:
         query = {name: getattr(self, name) for name in ("event_id", "text") if hasattr(self, name)}
         return {**query, "model_version": self.model_version, "searched": self.searched,
-                "matches": [m.as_dict() for m in self.matches]}
+                "searched_is_estimate": self.searched_is_estimate, "matches": [m.as_dict() for m in self.matches]}
+
+    @property
+    def searched_text(self) -> str:
+        return f"{'about ' if self.searched_is_estimate else ''}{self.searched} vectors searched"
 
 
 @dataclass(frozen=True)
@@ -523,11 +532,13 @@ def similar_events(
     min_similarity: float = 0.7,
     days: int | None = 30,
     camera: str | None = None,
+    ef_search: int = EF_SEARCH,
 ) -> SimilarResult:
     """Events whose thumbnails look like this event's, best first.
 
     Only vectors of the event's own model_version are compared; the event itself is left
-    out; `days` keeps events that started within that many days of this one (None or 0:
+    out; `ef_search` is the HNSW candidate list on PostgreSQL (`events.hnsw_ef_search`);
+    `days` keeps events that started within that many days of this one (None or 0:
     no window); `camera` keeps one camera. Nothing qualifying is an empty list.
     """
     if limit < 1:
@@ -543,11 +554,11 @@ def similar_events(
             if days:
                 started = get_event(session, event_id).started_at
                 started_from, started_to = started - timedelta(days=days), started + timedelta(days=days)
-            matches, searched = _pgvector_search(
+            matches, searched, estimated = _pgvector_search(
                 session, own, own_vector, limit=limit, min_similarity=min_similarity, camera=camera,
-                started_from=started_from, started_to=started_to, exclude=event_id,
+                started_from=started_from, started_to=started_to, exclude=event_id, ef_search=ef_search,
             )
-            return SimilarResult(own, matches, searched, event_id=event_id)
+            return SimilarResult(own, matches, searched, estimated, event_id=event_id)
         # One read transaction for lookup, refresh and details: a consistent view, one round of set-up.
         index = vector_index(db, own, session)
         with index.lock:
@@ -578,13 +589,16 @@ def _pgvector_search(
     started_from: datetime | None = None,
     started_to: datetime | None = None,
     exclude: str | None = None,
-) -> tuple[list[Match], int]:
-    """(matches, vectors searched) from pgvector's HNSW index: nothing held in this process,
-    and the filters run inside the index scan."""
+    ef_search: int = EF_SEARCH,
+) -> tuple[list[Match], int, bool]:
+    """(matches, vectors searched, whether that count is an estimate) from pgvector's HNSW
+    index: nothing held in this process, and the filters run inside the index scan."""
     rows = nearest_events(session, model_version, query, limit, camera=camera, started_from=started_from,
-                          started_to=started_to, exclude_event_id=exclude, min_similarity=min_similarity)
+                          started_to=started_to, exclude_event_id=exclude, min_similarity=min_similarity,
+                          ef_search=ef_search)
     matches = [Match(row.event_id, row.camera_id, row.started_at, row.label, float(row.similarity)) for row in rows]
-    return matches, count_vectors(session, model_version)
+    searched, exact = vector_count_estimate(session, model_version)
+    return matches, searched, not exact
 
 
 @dataclass(frozen=True)
@@ -601,6 +615,7 @@ def search_events_by_text(
     min_similarity: float | None = None,
     camera: str | None = None,
     since: datetime | None = None,
+    ef_search: int = EF_SEARCH,
 ) -> TextSearchResult:
     """Event thumbnails that match a text description (CLIP text-image similarity).
 
@@ -622,9 +637,10 @@ def search_events_by_text(
     query = query / (np.linalg.norm(query) or 1.0)
     with db.read() as session:
         if query.shape[0] == VECTOR_INDEX_DIMENSIONS and has_vector_index(session):
-            matches, searched = _pgvector_search(session, embedder.model_version, query, limit=limit,
-                                                 min_similarity=min_similarity, camera=camera, started_from=since)
-            return TextSearchResult(embedder.model_version, matches, searched, text=text)
+            matches, searched, estimated = _pgvector_search(
+                session, embedder.model_version, query, limit=limit, min_similarity=min_similarity, camera=camera,
+                started_from=since, ef_search=ef_search)
+            return TextSearchResult(embedder.model_version, matches, searched, estimated, text=text)
         index = vector_index(db, embedder.model_version, session)
         with index.lock:
             window = (int(np.datetime64(since, "us").astype(np.int64)), np.iinfo(np.int64).max) if since else None

@@ -9,6 +9,8 @@ and changed rows by id alone (see `cv_assets/events/search.py`).
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -335,9 +337,26 @@ def has_vector_index(session: Session) -> bool:
 
 
 VECTOR_INDEX_DIMENSIONS = 512  # migration 0004's vector(512): other sizes keep only their JSON form
-EF_SEARCH = 100  # HNSW candidate list (pgvector's default 40): recall@10 1.000 at 100k in benchmarks/scale.py
+EF_SEARCH = 200  # HNSW candidate list (pgvector's default 40); events.hnsw_ef_search sets it per search
 _MAX_EF_SEARCH = 1000  # pgvector's ceiling for hnsw.ef_search
 _ITERATIVE_SCAN = (0, 8)  # the first pgvector release with iterative index scans
+
+
+# Below this many rows (the planner's estimate) the vectors of a version are counted exactly;
+# above it the estimate stands in (an exact count of 1M rows costs ~30 ms, more than the search).
+EXACT_COUNT_BELOW = 100_000
+
+
+def vector_count_estimate(session: Session, model_version: str) -> tuple[int, bool]:
+    """(vectors of `model_version`, whether that is exact): the planner's row estimate from
+    the table statistics (autovacuum keeps them), or an exact count where that is cheap."""
+    plan = session.execute(text("EXPLAIN (FORMAT JSON) SELECT 1 FROM event_embeddings WHERE model_version = :v"),
+                           {"v": model_version}).scalar()
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    estimate = int(plan[0]["Plan"]["Plan Rows"])
+    if estimate < EXACT_COUNT_BELOW:
+        return count_vectors(session, model_version), True
+    return estimate, False
 
 
 def vector_extension_version(session: Session) -> tuple[int, ...] | None:
