@@ -17,7 +17,6 @@ from helpers.events import (
     add_events,
     b64,
     colour_events,
-    new_db,
     jpeg_bytes,
     png_bytes,
 )

@@ -193,7 +193,7 @@ def test_the_schedule_notices_a_model_change_on_either_backend(app_db_url, setti
 
     def backfill(settings) -> list[dict]:
         runs = []
-        while isinstance(request := tick(settings), RunRequest):
+        while isinstance(tick(settings), RunRequest):
             result = materialize([event_embeddings], resources=build_resources(settings), instance=instance)
             runs.append(_metadata(result, "event_embeddings"))
             assert len(runs) <= 3, "the backfill schedule never skipped"

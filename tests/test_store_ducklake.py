@@ -8,7 +8,6 @@ import traceback
 import uuid
 
 import numpy as np
-import pandas as pd
 import pytest
 from test_store_warehouse import clips_frame, embeddings_frame, history_row, paths_by_project
 

@@ -281,7 +281,7 @@ def test_report_metadata_shows_pictures_and_links_the_served_report(ui):
     assert "timeline" in pictures and len(pictures) >= 5, sorted(entries)  # timeline + one sheet per demo scene
     for label in pictures:
         md = entries[label]["mdStr"]
-        assert md.startswith(f"![") and "(data:image/jpeg;base64," in md
+        assert md.startswith("![") and "(data:image/jpeg;base64," in md
         encoded = md.split("base64,", 1)[1].split(")", 1)[0]
         image = cv2.imdecode(np.frombuffer(base64.b64decode(encoded), np.uint8), cv2.IMREAD_COLOR)
         assert image is not None and image.shape[1] <= 720
