@@ -240,7 +240,7 @@ class EventsSettings(_Section):
     similar_limit: int = Field(10, ge=1, le=1000)
     # On PostgreSQL with pgvector: the HNSW candidate list per search (hnsw.ef_search). Higher
     # finds more of the true nearest at more cost (benchmarks/scale.py measures recall and latency).
-    hnsw_ef_search: int = Field(200, ge=10, le=1000)
+    hnsw_ef_search: int = Field(1000, ge=10, le=1000)
     similar_days: int = Field(30, ge=1)
     max_attempts: int = Field(3, ge=1, le=100)
     thumbnail_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)

@@ -337,7 +337,7 @@ def has_vector_index(session: Session) -> bool:
 
 
 VECTOR_INDEX_DIMENSIONS = 512  # migration 0004's vector(512): other sizes keep only their JSON form
-EF_SEARCH = 200  # HNSW candidate list (pgvector's default 40); events.hnsw_ef_search sets it per search
+EF_SEARCH = 1000  # HNSW candidate list (pgvector's default 40); events.hnsw_ef_search sets it per search
 _MAX_EF_SEARCH = 1000  # pgvector's ceiling for hnsw.ef_search
 _ITERATIVE_SCAN = (0, 8)  # the first pgvector release with iterative index scans
 
