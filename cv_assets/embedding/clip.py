@@ -36,7 +36,7 @@ from cv_assets.embedding.base import (
     available_cores,
 )
 from cv_assets.embedding.locate import _looks_like_path, unavailable_message
-from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, resize_and_crop, to_pixel_values
+from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, normalise_crop, resize_and_crop
 from cv_assets.embedding.runtime import Capabilities, choose_runtime, probe_capabilities, torch_dtype
 from cv_assets.settings import EmbedderSettings
 
@@ -229,7 +229,9 @@ class ClipEmbedder(Embedder):
         # runs between forward passes instead of fighting them for cores. On a GPU the CPU is
         # free: every core but one decodes and resizes so the model never waits.
         self.prefetch_workers = 1 if on_cpu else min(MAX_PREFETCH_WORKERS, max(1, available_cores() - 1))
-        self.prepare_in_workers = not on_cpu
+        # OpenVINO runs on its own thread pool, so the worker can resize and normalise the next
+        # batch while it computes (measured: 0.83 -> 0.89 of the forward-only speed at bf16).
+        self.prepare_in_workers = not on_cpu or self.backend == "openvino"
         self._loaded: LoadedClip | None = None
         self._tokenizer = None
         self._image_tower = None
@@ -335,7 +337,11 @@ class ClipEmbedder(Embedder):
 
     # -- images --------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> np.ndarray:
-        return resize_and_crop(image, self._load().preprocess)
+        """The model's input crop: uint8 for a GPU (normalised there, after the copy), else
+        already normalised float32 (3, h, w), so the forward gets a plain stack."""
+        preprocess = self._load().preprocess
+        crop = resize_and_crop(image, preprocess)
+        return crop if self.device == "cuda" else normalise_crop(crop, preprocess)
 
     def _embed_prepared(self, prepared: list[np.ndarray]):
         loaded = self._load()
@@ -344,8 +350,7 @@ class ClipEmbedder(Embedder):
             # this one runs; `_collect` copies every batch back at once.
             on_device = self._pinned.stage(prepared)
             return self._forward_torch(normalise_batch(on_device, loaded.preprocess, self.dtype))
-        pixels = to_pixel_values(prepared, loaded.preprocess, self.device, self.dtype)
-        return self.forward(pixels)
+        return self.forward(torch.from_numpy(np.stack(prepared)))
 
     def _collect(self, parts: list[Any]) -> np.ndarray:
         if parts and isinstance(parts[0], torch.Tensor):

@@ -111,6 +111,17 @@ def center_crop(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return center_crop(padded, crop_h, crop_w)
 
 
+def normalise_crop(crop: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """One uint8 (h, w, 3) crop -> its normalised float32 (3, h, w) pixel values, in numpy
+    (so a worker thread can do it beside the model; stack a batch with np.stack)."""
+    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    pixels = crop.transpose(2, 0, 1).astype(np.float32)
+    pixels *= np.float32(config.rescale_factor) / std
+    pixels -= mean / std
+    return pixels
+
+
 def to_pixel_values(
     crops: Sequence[np.ndarray] | np.ndarray,
     config: PreprocessConfig,
