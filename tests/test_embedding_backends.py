@@ -254,3 +254,23 @@ def test_an_unwritable_cache_directory_costs_speed_not_the_run(tiny_clip_dir, tm
     embedder = _openvino(tiny_clip_dir, blocker / "cache")  # cannot be created under a file
     assert (embedder.embed_images(_frames()) * images).sum(axis=1).min() >= 0.999
     assert embedder._image_tower.built
+
+
+def test_converting_a_tower_sends_no_usage_telemetry(tiny_clip_dir, monkeypatch):
+    """convert_model would report usage from a forked process (no network here, and a fork
+    from a threaded process can abort the child): conversion starts no process at all."""
+    import multiprocessing.popen_fork
+
+    import openvino_telemetry
+    from transformers import CLIPModel
+
+    from cv_assets.embedding import openvino_backend
+
+    started = []
+    launch = multiprocessing.popen_fork.Popen._launch
+    monkeypatch.setattr(multiprocessing.popen_fork.Popen, "_launch",
+                        lambda self, process_obj: started.append(process_obj) or launch(self, process_obj))
+    telemetry_class = openvino_telemetry.Telemetry
+    openvino_backend._convert(CLIPModel.from_pretrained(str(tiny_clip_dir)), "image")
+    assert started == []
+    assert openvino_telemetry.Telemetry is telemetry_class  # put back afterwards

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,10 +47,46 @@ class OpenVinoCacheError(RuntimeError):
     """A cache entry is unusable (missing, truncated, altered or wrong)."""
 
 
-def openvino_version() -> str:
-    import openvino
+class _NoTelemetry:
+    """Stands in for `openvino_telemetry.Telemetry` (the methods OVC calls): nothing is sent."""
 
-    return openvino.__version__
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def _nothing(self, *args, **kwargs):
+        return None
+
+    init = send_event = send_error = send_stack_trace = start_session = end_session = force_shutdown = _nothing
+
+
+@contextmanager
+def _without_usage_telemetry():
+    """Importing OpenVINO's converter and `convert_model` report usage to Google Analytics
+    unless the user opted out, from a process forked off a background thread: an offline
+    service has nowhere to send it, and a fork from a threaded process can abort the child.
+    A no-op class stands in while converting (OVC looks `Telemetry` up at call time)."""
+    try:
+        import openvino_telemetry
+    except ImportError:  # not installed: OVC uses its own stub
+        yield
+        return
+    saved = openvino_telemetry.Telemetry
+    openvino_telemetry.Telemetry = _NoTelemetry
+    try:
+        yield
+    finally:
+        openvino_telemetry.Telemetry = saved
+
+
+def _openvino():
+    """The `openvino` module, imported with usage telemetry off (its import reports too)."""
+    with _without_usage_telemetry():
+        import openvino
+    return openvino
+
+
+def openvino_version() -> str:
+    return _openvino().__version__
 
 
 def cache_key(weights_id: str, tower: str, precision: str) -> str:
@@ -128,12 +165,12 @@ def text_example(model: Any, batch: int = 2, length: int = 8):
 
 
 def _convert(model: Any, tower: str):
-    import openvino as ov
+    ov = _openvino()
     import torch
 
     # Tracing warns about every shape check it freezes; the towers take a fixed image size
     # and tokenizer-made text (never longer than the model's positions), so none matters.
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _without_usage_telemetry():
         warnings.simplefilter("ignore")
         if tower == "image":
             example = image_example(model)
@@ -207,7 +244,7 @@ def effective_precision(compiled: Any) -> str:
 
 
 def _write_entry(model: Any, tower: str, key: str, cache_dir: Path, precision: str, weights_id: str) -> Path:
-    import openvino as ov
+    ov = _openvino()
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
@@ -250,7 +287,7 @@ def _check_entry(entry: Path) -> None:
 
 def _compile_in_memory(model: Any, tower: str, precision: str, threads: int,
                        probe: tuple[list[np.ndarray], np.ndarray], started: float) -> CompiledTower:
-    import openvino as ov
+    ov = _openvino()
 
     compiled = ov.Core().compile_model(_convert(model, tower), "CPU", compile_options(precision, threads))
     result = CompiledTower(compiled, effective_precision(compiled), Path(), 0.0, built=True)
@@ -262,7 +299,7 @@ def _compile_in_memory(model: Any, tower: str, precision: str, threads: int,
 
 
 def _compile_entry(entry: Path, precision: str, threads: int, probe: tuple[list[np.ndarray], np.ndarray]):
-    import openvino as ov
+    ov = _openvino()
 
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(entry / "compiled")})
