@@ -386,10 +386,10 @@ def test_embedding_failure_is_unique_per_item_and_model(app_db_url):
     assert table_counts(db, ["embedding_failures"]) == {"embedding_failures": 2}
 
 
-def test_nearest_event_vectors_use_the_hnsw_index(postgres_url):
+def test_nearest_events_use_the_hnsw_index(postgres_url):
     import numpy as np
 
-    from cv_assets.store.events import has_vector_index, nearest_event_vectors
+    from cv_assets.store.events import has_vector_index, nearest_events
     from cv_assets.store.vectors import vector_to_json
 
     db = AppDatabase(postgres_url)
@@ -402,8 +402,8 @@ def test_nearest_event_vectors_use_the_hnsw_index(postgres_url):
             session.add(EventEmbedding(event_id=f"e{i:02d}", embedding=vector_to_json(vector), model_version="m1"))
     with db.read() as session:
         assert has_vector_index(session)
-        hits = nearest_event_vectors(session, "m1", vectors[7], 3, ef_search=100)
-        assert not nearest_event_vectors(session, "other", vectors[7], 3)
+        hits = [(row.event_id, row.similarity) for row in nearest_events(session, "m1", vectors[7], 3, ef_search=100)]
+        assert not nearest_events(session, "other", vectors[7], 3)
         session.execute(text("SET LOCAL enable_seqscan = off"))  # 50 rows: the planner would rather scan
         plan = "\n".join(session.execute(text(
             "EXPLAIN SELECT event_id FROM event_embeddings ORDER BY embedding_vector <=> "

@@ -446,12 +446,3 @@ def _nearest_sql(filters: Sequence[str], *, exact: bool) -> str:
         "SELECT event_id, camera_id, started_at, label, 1 - distance AS similarity FROM nearest "
         "ORDER BY distance + 0, id"
     )
-
-
-def nearest_event_vectors(
-    session: Session, model_version: str, query: np.ndarray, limit: int, *, ef_search: int = EF_SEARCH
-) -> list[tuple[str, float]]:
-    """(event_id, cosine similarity) of the `limit` nearest vectors of `model_version`
-    (`nearest_events` without filters)."""
-    rows = nearest_events(session, model_version, query, limit, ef_search=ef_search)
-    return [(row.event_id, float(row.similarity)) for row in rows]
