@@ -10,7 +10,6 @@ and changed rows by id alone (see `cv_assets/events/search.py`).
 from __future__ import annotations
 
 import json
-
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +19,7 @@ from sqlalchemy import and_, delete, func, insert, or_, select, text, true
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
+from cv_assets.settings import EventsSettings
 from cv_assets.store.failures import FAILURES, chunks, clear_failures, record_failures
 from cv_assets.store.models import Event, EventEmbedding, utcnow
 from cv_assets.store.vectors import vector_from_json, vector_to_json
@@ -337,7 +337,8 @@ def has_vector_index(session: Session) -> bool:
 
 
 VECTOR_INDEX_DIMENSIONS = 512  # migration 0004's vector(512): other sizes keep only their JSON form
-EF_SEARCH = 1000  # HNSW candidate list (pgvector's default 40); events.hnsw_ef_search sets it per search
+# HNSW candidate list per search (pgvector's default 40): `events.hnsw_ef_search`'s default.
+EF_SEARCH = EventsSettings.model_fields["hnsw_ef_search"].default
 _MAX_EF_SEARCH = 1000  # pgvector's ceiling for hnsw.ef_search
 _ITERATIVE_SCAN = (0, 8)  # the first pgvector release with iterative index scans
 
