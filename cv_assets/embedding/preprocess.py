@@ -111,47 +111,31 @@ def center_crop(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return center_crop(padded, crop_h, crop_w)
 
 
+def channel_affine(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel float32 (scale, offset) with normalised = uint8 value * scale - offset."""
+    std = np.asarray(config.std, dtype=np.float32)
+    return np.float32(config.rescale_factor) / std, np.asarray(config.mean, dtype=np.float32) / std
+
+
 def normalise_crop(crop: np.ndarray, config: PreprocessConfig) -> np.ndarray:
     """One uint8 (h, w, 3) crop -> its normalised float32 (3, h, w) pixel values, in numpy
     (so a worker thread can do it beside the model; stack a batch with np.stack)."""
-    std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
-    mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    scale, offset = channel_affine(config)
     pixels = crop.transpose(2, 0, 1).astype(np.float32)
-    pixels *= np.float32(config.rescale_factor) / std
-    pixels -= mean / std
+    pixels *= scale.reshape(3, 1, 1)
+    pixels -= offset.reshape(3, 1, 1)
     return pixels
 
 
-def to_pixel_values(
-    crops: Sequence[np.ndarray] | np.ndarray,
-    config: PreprocessConfig,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Stack uint8 crops into normalised (N, 3, h, w) pixel values on `device`.
-
-    The uint8 batch is moved first (a quarter of the bytes of float32), then rescaled
-    and normalised in one fused multiply-add on the device.
-    """
-    stacked = np.stack(crops) if not isinstance(crops, np.ndarray) or not crops.flags.writeable else crops
-    batch = torch.from_numpy(np.ascontiguousarray(stacked))
-    return normalise_batch(batch.to(device, non_blocking=True), config, dtype)
-
-
 def normalise_batch(batch: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A uint8 (N, h, w, 3) batch (on any device) -> normalised (N, 3, h, w) `dtype` pixel values."""
-    batch = batch.permute(0, 3, 1, 2).to(torch.float32)
-    std = torch.tensor(config.std, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    mean = torch.tensor(config.mean, dtype=torch.float32, device=batch.device).view(1, 3, 1, 1)
-    pixels = batch * (config.rescale_factor / std) - mean / std
+    """A uint8 (N, h, w, 3) batch (on any device, the GPU path) -> normalised (N, 3, h, w)
+    `dtype` pixel values, in one fused multiply-add on that device."""
+    scale, offset = (torch.from_numpy(a).to(batch.device).view(1, 3, 1, 1) for a in channel_affine(config))
+    pixels = batch.permute(0, 3, 1, 2).to(torch.float32) * scale - offset
     return pixels.to(dtype).contiguous()
 
 
-def preprocess_images(
-    images: Sequence[np.ndarray],
-    config: PreprocessConfig,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """RGB uint8 frames of any size -> normalised (N, 3, h, w) model input."""
-    return to_pixel_values([resize_and_crop(img, config) for img in images], config, device, dtype)
+def preprocess_images(images: Sequence[np.ndarray], config: PreprocessConfig) -> torch.Tensor:
+    """RGB uint8 frames of any size -> normalised float32 (N, 3, h, w) model input, as the
+    CPU path prepares them."""
+    return torch.from_numpy(np.stack([normalise_crop(resize_and_crop(img, config), config) for img in images]))
