@@ -6,10 +6,14 @@ The model is the full ViT-B/32 architecture (CLIPConfig defaults: vision width 7
 openai/clip-vit-base-patch32 (weights cannot be downloaded here).
 
 Per runtime (backend x precision):
-  forward    - the model's forward + L2 alone on ready pixel tensors, same batches;
+  forward    - the model's forward + L2 alone on ready batches of its own input, same
+               batch sizes: for OpenVINO the uint8 (N, 224, 224, 3) crops its compiled
+               graph takes (it converts and normalises them itself: a handful of
+               elementwise operations beside the transformer, in the forward and in the
+               floor alike); for torch normalised pixel tensors in its dtype;
   e2e frames - `ClipEmbedder.embed_images` on decoded RGB frames (as the sampler hands
-               them over): resize + crop + normalise + forward + L2, the next batch
-               prepared while the model runs;
+               them over): resize + crop (every core, between forward passes) + stack +
+               normalise + forward + L2;
   e2e jpeg   - `ClipEmbedder.embed_sources` on JPEG files: decode (DCT-scaled) + the above;
   cos        - the smallest cosine between its vectors and torch fp32's, same frames.
 Floor: the fastest forward of any runtime. Peer: the per-image path the inherited
@@ -177,9 +181,7 @@ def main() -> None:
         reference_vectors = reference.embed_images(frames) if reference is not None else None
         measured, labels = [], []
         for key, embedder in embedders.items():
-            dtype = embedder.dtype
-            ready = [torch.randn(min(batch, n - s), 3, size, size, device=device, dtype=dtype)
-                     for s in range(0, n, batch)]
+            ready = [ready_batch(embedder, min(batch, n - s), size, device) for s in range(0, n, batch)]
             embedder.embed_images(frames[:2])  # warm-up: kernels, allocator, thread pools
             embedder.forward(ready[0][:2])
 
@@ -239,6 +241,13 @@ def main() -> None:
     cosines = [r[3] for r in results.values() if not np.isnan(r[3])]
     if cosines:
         print(f"RATIO min_cosine_to_fp32 {min(cosines):.5f} target >= {TARGET_MIN_COSINE}")
+
+
+def ready_batch(embedder: ClipEmbedder, count: int, size: int, device: str):
+    """`count` inputs in the form the runtime's model itself takes (see the module docstring)."""
+    if embedder.backend == "openvino":
+        return np.random.default_rng(count).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    return torch.randn(count, 3, size, size, device=device, dtype=embedder.dtype)
 
 
 def per_image_peer(model, sample: list[Path], device: str, dtype: torch.dtype):

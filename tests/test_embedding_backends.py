@@ -12,6 +12,7 @@ import torch
 
 from cv_assets.embedding import ClipEmbedder, EmbedderConfigError
 from cv_assets.embedding.openvino_backend import forget_compiled
+from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, resize_and_crop
 from cv_assets.embedding.runtime import Capabilities, Runtime, choose_runtime
 from cv_assets.settings import EmbedderSettings
 
@@ -232,6 +233,47 @@ def test_in_memory_models_are_keyed_by_their_tensors(tiny_clip_dir, tmp_path):
     assert three._image_tower.built and len(_entries(cache)) == 2
 
 
+def _torch_vectors(model, crops: np.ndarray, preprocess: PreprocessConfig) -> np.ndarray:
+    with torch.inference_mode():
+        features = model.get_image_features(pixel_values=normalise_batch(torch.from_numpy(crops), preprocess))
+    return torch.nn.functional.normalize(features.pooler_output, dim=-1).numpy()
+
+
+def test_openvino_image_tower_takes_uint8_crops_and_normalises_them_as_the_checkpoint_says(tiny_clip_dir, tmp_path):
+    """The compiled tower's input is the uint8 crops; its in-graph normalisation follows the
+    preprocess config (two configs, same tensors: two cache entries, each matching torch fp32)."""
+    from transformers import CLIPModel
+
+    forget_compiled()
+    cache = tmp_path / "ov-cache"
+    model = CLIPModel.from_pretrained(str(tiny_clip_dir))
+    crops = np.stack([resize_and_crop(frame, PreprocessConfig()) for frame in _frames()])
+    grey = PreprocessConfig(mean=(0.5, 0.5, 0.5), std=(0.2, 0.25, 0.3))
+    towers = []
+    for preprocess in (PreprocessConfig(), grey):
+        embedder = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="openvino",
+                                           precision="fp32", compiled_cache_dir=cache, preprocess=preprocess)
+        assert embedder._image_tower.compiled.input(0).get_element_type().to_string() == "u8"
+        expected = _torch_vectors(model, crops, preprocess)
+        np.testing.assert_allclose(embedder.forward(crops), expected, atol=1e-5)
+        # Normalised float input (torch's form) reaches the tower as the crops it was made from.
+        np.testing.assert_allclose(embedder.forward(normalise_batch(torch.from_numpy(crops), preprocess)),
+                                   expected, atol=1e-5)
+        towers.append(embedder._image_tower)
+    assert towers[0] is not towers[1] and len(_entries(cache)) == 2
+    manifests = [json.loads((entry / "manifest.json").read_text()) for entry in _entries(cache)]
+    assert sorted(m["inputs"]["mean"][0] for m in manifests) == pytest.approx([0.48145466 * 255, 0.5 * 255])
+
+
+def test_torch_forward_takes_the_same_uint8_crops(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(str(tiny_clip_dir))
+    embedder = ClipEmbedder.from_model(model, model_version="mem", device="cpu", backend="torch", precision="fp32")
+    crops = np.stack([resize_and_crop(frame, PreprocessConfig()) for frame in _frames()])
+    np.testing.assert_allclose(embedder.forward(crops), _torch_vectors(model, crops, PreprocessConfig()), atol=1e-6)
+
+
 def test_backend_settings_reach_the_embedder_through_config_and_the_dagster_resource(settings_factory):
     from cv_assets.defs.resources import EmbedderResource
     from cv_assets.embedding import get_embedder
@@ -271,6 +313,6 @@ def test_converting_a_tower_sends_no_usage_telemetry(tiny_clip_dir, monkeypatch)
     monkeypatch.setattr(multiprocessing.popen_fork.Popen, "_launch",
                         lambda self, process_obj: started.append(process_obj) or launch(self, process_obj))
     telemetry_class = openvino_telemetry.Telemetry
-    openvino_backend._convert(CLIPModel.from_pretrained(str(tiny_clip_dir)), "image")
+    openvino_backend._convert(CLIPModel.from_pretrained(str(tiny_clip_dir)), "image", PreprocessConfig())
     assert started == []
     assert openvino_telemetry.Telemetry is telemetry_class  # put back afterwards

@@ -96,9 +96,10 @@ class Embedder:
     precision: str = "fp32"
     batch_size: int = 32
     prefetch_workers: int = 1
-    # Whether `_prepare` runs in the worker pool too (True) or in the calling thread just
-    # before the model (False: when it uses the same CPU thread pool as the model).
+    # Whether `_prepare` runs in the worker pool too (True) or just before the model, on
+    # `prepare_threads` threads while the model waits (False: when the model uses every core).
     prepare_in_workers: bool = True
+    prepare_threads: int = 1
     # JPEGs may be decoded at a reduced scale while both sides stay at least this large.
     decode_min_side: int | None = None
 
@@ -124,7 +125,8 @@ class Embedder:
     # -- batch plumbing ------------------------------------------------------------
     def _run(self, items: list[tuple[int, str, Any]], load: Callable[[Any, str], np.ndarray],
              strict: bool) -> EmbedOutcome:
-        """Decode (and maybe prepare) in the pool, embed batch by batch in this thread.
+        """Decode (and maybe prepare) in the worker pool, embed batch by batch in this thread
+        (a batch not prepared by the workers is prepared on `prepare_threads` threads first).
 
         strict: the first bad item raises; otherwise it lands in `errors` with its reason."""
 
@@ -146,23 +148,29 @@ class Embedder:
                 return (index, label, *attempt(lambda value: self._prepare(load(value, label)), label, payload))
             return (index, label, *attempt(lambda value: load(value, label), label, payload))
 
+        def prepare(loaded: tuple[int, str, Any, str | None]):
+            index, label, value, error = loaded
+            return (index, label, *attempt(self._prepare, label, value)) if error is None else loaded
+
         has_work = self.prepare_in_workers or load is not _as_rgb_array
         workers = self.prefetch_workers if has_work else 0
         ok: list[int] = []
         errors: dict[int, str] = {}
         vectors: list[np.ndarray] = []
-        for batch in prefetched(chunked(items, self.batch_size), work, workers):
-            good = []
-            for index, label, value, error in batch:
-                if error is None and not self.prepare_in_workers:
-                    value, error = attempt(self._prepare, label, value)
-                if error is None:
-                    good.append((index, value))
-                else:
-                    errors[index] = error
-            if good:
-                vectors.append(self._embed_prepared([value for _, value in good]))
-                ok.extend(index for index, _ in good)
+        # (Its threads start at the first task: none when the workers prepare.)
+        with ThreadPoolExecutor(max_workers=self.prepare_threads, thread_name_prefix="embed-prepare") as preparers:
+            for batch in prefetched(chunked(items, self.batch_size), work, workers):
+                if not self.prepare_in_workers:
+                    batch = list(preparers.map(prepare, batch))
+                good = []
+                for index, label, value, error in batch:
+                    if error is None:
+                        good.append((index, value))
+                    else:
+                        errors[index] = error
+                if good:
+                    vectors.append(self._embed_prepared([value for _, value in good]))
+                    ok.extend(index for index, _ in good)
         return EmbedOutcome(vectors=self._collect(vectors), ok=ok, errors=errors)
 
     def _collect(self, parts: list[Any]) -> np.ndarray:

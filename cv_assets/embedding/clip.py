@@ -9,10 +9,12 @@
   cached on disk (`openvino_backend.py`).
 - Version: `<repo>@<commit>` for hub models, `clip:<dir>@sha256:<12 hex>` for a local
   directory (hash of the weights and preprocessor config), stored with every vector.
-- Preprocessing: `preprocess.py` (arrays and torch kernels, no PIL round trip). Files
-  for the next batch are decoded in a worker thread while the model runs; on a GPU
-  the workers resize too, batches go up through pinned memory and the CPU stages the
-  next batch while the GPU runs the current one (see `ClipEmbedder.__init__`).
+- Preprocessing: `preprocess.py` (arrays and torch kernels, no PIL round trip). The CPU
+  makes uint8 crops; the model's side normalises them (in OpenVINO's graph, or one torch
+  operation on the batch). Files for the next batch are decoded in a worker thread while
+  the model runs; on a GPU the workers resize too, batches go up through pinned memory
+  and the CPU stages the next batch while the GPU runs the current one (see
+  `ClipEmbedder.__init__`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from cv_assets.embedding.base import (
     available_cores,
 )
 from cv_assets.embedding.locate import _looks_like_path, unavailable_message
-from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, normalise_crop, resize_and_crop
+from cv_assets.embedding.preprocess import (
+    PreprocessConfig,
+    crops_from_pixel_values,
+    normalise_batch,
+    resize_and_crop,
+)
 from cv_assets.embedding.runtime import Capabilities, choose_runtime, probe_capabilities, torch_dtype
 from cv_assets.settings import EmbedderSettings
 
@@ -225,13 +232,14 @@ class ClipEmbedder(Embedder):
         on_cpu = self.device == "cpu"
         self.batch_size = self.settings.batch_size if on_cpu else self.settings.cuda_batch_size
         # On a CPU the model already uses every core: one thread decodes the next batch's
-        # files beside it, and resizing (torch kernels on the same OpenMP pool as the model)
-        # runs between forward passes instead of fighting them for cores. On a GPU the CPU is
-        # free: every core but one decodes and resizes so the model never waits.
+        # files beside it, and the batch is resized between forward passes, one thread per
+        # core, while the model waits (a thread resizing beside the model stalls all of its
+        # threads at their next barrier; measured with OpenVINO bf16: 0.90 beside it, 0.93
+        # between). On a GPU the CPU is free: every core but one decodes and resizes so the
+        # model never waits.
         self.prefetch_workers = 1 if on_cpu else min(MAX_PREFETCH_WORKERS, max(1, available_cores() - 1))
-        # OpenVINO runs on its own thread pool, so the worker can resize and normalise the next
-        # batch while it computes (measured: 0.83 -> 0.89 of the forward-only speed at bf16).
-        self.prepare_in_workers = not on_cpu or self.backend == "openvino"
+        self.prepare_in_workers = not on_cpu
+        self.prepare_threads = available_cores()
         self._loaded: LoadedClip | None = None
         self._tokenizer = None
         self._image_tower = None
@@ -299,7 +307,7 @@ class ClipEmbedder(Embedder):
         from cv_assets.embedding.openvino_backend import load_tower
 
         return load_tower(loaded.model, tower, weights_id=loaded.weights_id, precision=self.precision,
-                          cache_dir=self.compiled_cache_dir, threads=self.threads)
+                          cache_dir=self.compiled_cache_dir, threads=self.threads, preprocess=loaded.preprocess)
 
     @property
     def compiled_cache_dir(self) -> Path:
@@ -337,11 +345,8 @@ class ClipEmbedder(Embedder):
 
     # -- images --------------------------------------------------------------------
     def _prepare(self, image: np.ndarray) -> np.ndarray:
-        """The model's input crop: uint8 for a GPU (normalised there, after the copy), else
-        already normalised float32 (3, h, w), so the forward gets a plain stack."""
-        preprocess = self._load().preprocess
-        crop = resize_and_crop(image, preprocess)
-        return crop if self.device == "cuda" else normalise_crop(crop, preprocess)
+        """The model's uint8 (h, w, 3) input crop (normalised on the model's side)."""
+        return resize_and_crop(image, self._load().preprocess)
 
     def _embed_prepared(self, prepared: list[np.ndarray]):
         loaded = self._load()
@@ -350,7 +355,7 @@ class ClipEmbedder(Embedder):
             # this one runs; `_collect` copies every batch back at once.
             on_device = self._pinned.stage(prepared)
             return self._forward_torch(normalise_batch(on_device, loaded.preprocess, self.dtype))
-        return self.forward(torch.from_numpy(np.stack(prepared)))
+        return self.forward(np.stack(prepared))
 
     def _collect(self, parts: list[Any]) -> np.ndarray:
         if parts and isinstance(parts[0], torch.Tensor):
@@ -362,12 +367,20 @@ class ClipEmbedder(Embedder):
             output = self._load().model.get_image_features(pixel_values=pixel_values.to(self.dtype))
             return torch.nn.functional.normalize(_features(output).float(), dim=-1)
 
-    def forward(self, pixel_values: torch.Tensor) -> np.ndarray:
-        """Ready (N, 3, h, w) pixel values -> (N, 512) float32 unit vectors (the model alone)."""
-        self._load()
+    def forward(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """One ready batch -> (N, 512) float32 unit vectors. `pixels`: uint8 (N, h, w, 3) crops
+        (what `_prepare` makes: the OpenVINO tower's own input, normalised in its graph; torch
+        normalises them first) or normalised float (N, 3, h, w) pixel values (torch's own
+        input; OpenVINO gets the crops they were made from)."""
+        preprocess = self._load().preprocess
+        pixels = torch.as_tensor(pixels)
         if self._image_tower is not None:
-            return self._image_tower(pixel_values.detach().to("cpu", torch.float32).numpy())
-        return self._forward_torch(pixel_values).cpu().numpy()
+            if pixels.dtype != torch.uint8:
+                pixels = crops_from_pixel_values(pixels, preprocess)
+            return self._image_tower(pixels.numpy())
+        if pixels.dtype == torch.uint8:
+            pixels = normalise_batch(pixels.to(self.device), preprocess, self.dtype)
+        return self._forward_torch(pixels).cpu().numpy()
 
     # -- text ----------------------------------------------------------------------
     def _load_tokenizer(self):

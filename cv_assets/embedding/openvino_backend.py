@@ -7,9 +7,15 @@ Converting a ViT-B/32 from torch takes ~30 s, so each converted tower is kept on
         manifest.json           what was converted, and the IR's sizes and xml digest
         compiled/               OpenVINO's own cache of the compiled blob (faster reloads)
 
-`key` is a digest of the weights' hash, the backend, the precision, the tower and the
-OpenVINO version, so another checkpoint, precision or OpenVINO release never reuses a
-model built for something else. A tower is compiled once per process (the embedder
+The image tower takes the uint8 (N, h, w, 3) RGB crops themselves: converting them to
+float and normalising (mean/std of the checkpoint's preprocessor config) is part of the
+graph, so the CPU only resizes and stacks, and the pixels cross into OpenVINO at a
+quarter of the float size.
+
+`key` is a digest of the weights' hash, the backend, the precision, the tower, what the
+tower takes (for the image tower: the crops and their mean/std) and the OpenVINO
+version, so another checkpoint, precision, normalisation or OpenVINO release never
+reuses a model built for something else. A tower is compiled once per process (the embedder
 holds it). A cache entry that cannot be read, does not match its manifest or gives
 vectors that disagree with the torch model on a probe image is deleted and rebuilt;
 a new entry is written to a temporary folder and renamed into place, so a process
@@ -33,9 +39,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch
+
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+# 2: the image tower takes uint8 NHWC crops and normalises them (1 took normalised float).
+CACHE_FORMAT = 2
 # The converted tower must agree with the torch fp32 tower on the probe input at least this
 # well; f32 agrees to ~1e-7, bf16 to ~1e-4, a damaged file not at all.
 PROBE_MIN_COSINE = 0.999
@@ -89,9 +98,24 @@ def openvino_version() -> str:
     return _openvino().__version__
 
 
-def cache_key(weights_id: str, tower: str, precision: str) -> str:
+def tower_inputs(tower: str, preprocess: PreprocessConfig | None) -> dict[str, Any]:
+    """What the compiled tower takes: part of its cache key, so an entry is never fed other input."""
+    if tower == "text":
+        return {"input_ids": "i64 (N, L)", "attention_mask": "i64 (N, L)"}
+    mean, scale = pixel_mean_and_scale(preprocess)
+    return {"pixels": "u8 (N, H, W, 3) RGB", "mean": mean, "scale": scale}
+
+
+def pixel_mean_and_scale(preprocess: PreprocessConfig) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, scale) in uint8 units: normalised = (value - mean) / scale, which is
+    (value * rescale_factor - image_mean) / image_std."""
+    factor = preprocess.rescale_factor
+    return [m / factor for m in preprocess.mean], [s / factor for s in preprocess.std]
+
+
+def cache_key(weights_id: str, tower: str, precision: str, inputs: dict[str, Any]) -> str:
     payload = json.dumps({"weights": weights_id, "backend": "openvino", "precision": precision, "tower": tower,
-                          "openvino": openvino_version(), "format": CACHE_FORMAT}, sort_keys=True)
+                          "inputs": inputs, "openvino": openvino_version(), "format": CACHE_FORMAT}, sort_keys=True)
     return f"{tower}-{precision}-{hashlib.sha256(payload.encode()).hexdigest()[:20]}"
 
 
@@ -164,7 +188,21 @@ def text_example(model: Any, batch: int = 2, length: int = 8):
     return ids, mask
 
 
-def _convert(model: Any, tower: str):
+def _normalise_in_graph(converted: Any, preprocess: PreprocessConfig):
+    """The image tower, taking uint8 NHWC crops: OpenVINO converts and normalises them itself."""
+    ov = _openvino()
+    from openvino.preprocess import PrePostProcessor
+
+    steps = PrePostProcessor(converted)
+    pixels = steps.input(0)
+    pixels.tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+    pixels.model().set_layout(ov.Layout("NCHW"))
+    mean, scale = pixel_mean_and_scale(preprocess)
+    pixels.preprocess().convert_element_type(ov.Type.f32).mean(mean).scale(scale)
+    return steps.build()
+
+
+def _convert(model: Any, tower: str, preprocess: PreprocessConfig | None):
     ov = _openvino()
     import torch
 
@@ -175,15 +213,25 @@ def _convert(model: Any, tower: str):
         if tower == "image":
             example = image_example(model)
             size = example.shape[-1]
-            return ov.convert_model(image_tower(model), example_input=example,
-                                    input=[ov.PartialShape([-1, 3, size, size])])
+            converted = ov.convert_model(image_tower(model), example_input=example,
+                                         input=[ov.PartialShape([-1, 3, size, size])])
+            return _normalise_in_graph(converted, preprocess)
         ids, mask = text_example(model)
         return ov.convert_model(text_tower(model), example_input={"input_ids": ids, "attention_mask": mask},
                                 input=[("input_ids", ov.PartialShape([-1, -1]), ov.Type.i64),
                                        ("attention_mask", ov.PartialShape([-1, -1]), ov.Type.i64)])
 
 
-def _reference(model: Any, tower: str) -> tuple[list[np.ndarray], np.ndarray]:
+def probe_crops(model: Any, batch: int = 2):
+    """Fixed random uint8 (batch, size, size, 3) crops: the image tower's probe input."""
+    import torch
+
+    size = int(model.config.vision_config.image_size)
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, 256, (batch, size, size, 3), generator=generator, dtype=torch.uint8)
+
+
+def _reference(model: Any, tower: str, preprocess: PreprocessConfig | None) -> tuple[list[np.ndarray], np.ndarray]:
     """A fixed probe input and the torch model's vectors for it."""
     import torch
 
@@ -191,8 +239,8 @@ def _reference(model: Any, tower: str) -> tuple[list[np.ndarray], np.ndarray]:
         reference_model = image_tower(model) if tower == "image" else text_tower(model)
         dtype = next(model.parameters()).dtype
         if tower == "image":
-            inputs = [image_example(model)]
-            expected = reference_model(inputs[0].to(dtype))
+            inputs = [probe_crops(model)]
+            expected = reference_model(normalise_batch(inputs[0], preprocess, dtype))
         else:
             ids, mask = text_example(model)
             inputs = [ids, mask]
@@ -243,16 +291,17 @@ def effective_precision(compiled: Any) -> str:
     return "fp32"
 
 
-def _write_entry(model: Any, tower: str, key: str, cache_dir: Path, precision: str, weights_id: str) -> Path:
+def _write_entry(model: Any, tower: str, preprocess: PreprocessConfig | None, key: str, cache_dir: Path,
+                 precision: str, weights_id: str) -> Path:
     ov = _openvino()
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
     try:
-        converted = _convert(model, tower)
+        converted = _convert(model, tower, preprocess)
         ov.save_model(converted, staging / "model.xml", compress_to_fp16=False)
         manifest = {"format": CACHE_FORMAT, "tower": tower, "precision": precision, "weights": weights_id,
-                    "openvino": openvino_version(),
+                    "inputs": tower_inputs(tower, preprocess), "openvino": openvino_version(),
                     "xml_sha256": _sha256_file(staging / "model.xml"),
                     "bin_bytes": (staging / "model.bin").stat().st_size}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -285,11 +334,11 @@ def _check_entry(entry: Path) -> None:
         raise OpenVinoCacheError(f"{entry}: {type(exc).__name__}: {exc}") from None
 
 
-def _compile_in_memory(model: Any, tower: str, precision: str, threads: int,
+def _compile_in_memory(model: Any, tower: str, preprocess: PreprocessConfig | None, precision: str, threads: int,
                        probe: tuple[list[np.ndarray], np.ndarray], started: float) -> CompiledTower:
     ov = _openvino()
 
-    compiled = ov.Core().compile_model(_convert(model, tower), "CPU", compile_options(precision, threads))
+    compiled = ov.Core().compile_model(_convert(model, tower, preprocess), "CPU", compile_options(precision, threads))
     result = CompiledTower(compiled, effective_precision(compiled), Path(), 0.0, built=True)
     inputs, expected = probe
     if float((result(*inputs) * expected).sum(axis=1).min()) < PROBE_MIN_COSINE:
@@ -326,35 +375,38 @@ def forget_compiled() -> None:
 
 
 def load_tower(model: Any, tower: str, *, weights_id: str, precision: str, cache_dir: Path, threads: int,
+               preprocess: PreprocessConfig | None = None,
                on_rebuild: Callable[[str], None] | None = None) -> CompiledTower:
     """The compiled `tower` ("image" | "text") of `model` at `precision`: compiled once per
     process, from the disk cache when a good entry exists, else converted now and cached;
-    a bad entry is rebuilt once. An unwritable cache directory costs speed, not the run."""
-    key = cache_key(weights_id, tower, precision)
+    a bad entry is rebuilt once. An unwritable cache directory costs speed, not the run.
+    The image tower takes uint8 crops normalised as `preprocess` says (required for it)."""
+    key = cache_key(weights_id, tower, precision, tower_inputs(tower, preprocess))
     entry = Path(cache_dir) / key
     with _compiled_guard:
         ready = _compiled.get((str(entry), precision, threads))
         if ready is None:
             ready = _compiled[(str(entry), precision, threads)] = _load_tower(
-                model, tower, key, entry, weights_id=weights_id, precision=precision, threads=threads,
-                on_rebuild=on_rebuild)
+                model, tower, preprocess, key, entry, weights_id=weights_id, precision=precision,
+                threads=threads, on_rebuild=on_rebuild)
         return ready
 
 
-def _load_tower(model: Any, tower: str, key: str, entry: Path, *, weights_id: str, precision: str, threads: int,
+def _load_tower(model: Any, tower: str, preprocess: PreprocessConfig | None, key: str, entry: Path, *,
+                weights_id: str, precision: str, threads: int,
                 on_rebuild: Callable[[str], None] | None) -> CompiledTower:
     started = time.perf_counter()
-    probe = _reference(model, tower)
+    probe = _reference(model, tower, preprocess)
     built = False
     for attempt in range(2):
         if not entry.is_dir():
             log.info("converting the CLIP %s tower to OpenVINO (%s); cached at %s", tower, precision, entry)
             try:
-                entry = _write_entry(model, tower, key, entry.parent, precision, weights_id)
+                entry = _write_entry(model, tower, preprocess, key, entry.parent, precision, weights_id)
             except OSError as exc:
                 log.warning("cannot write the OpenVINO cache at %s (%s); converting in memory for this process "
                             "(set embedder.compiled_cache_dir to a writable folder)", entry.parent, exc)
-                return _compile_in_memory(model, tower, precision, threads, probe, started)
+                return _compile_in_memory(model, tower, preprocess, precision, threads, probe, started)
             built = True
         try:
             _check_entry(entry)

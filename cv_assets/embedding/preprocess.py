@@ -117,16 +117,6 @@ def channel_affine(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.float32(config.rescale_factor) / std, np.asarray(config.mean, dtype=np.float32) / std
 
 
-def normalise_crop(crop: np.ndarray, config: PreprocessConfig) -> np.ndarray:
-    """One uint8 (h, w, 3) crop -> its normalised float32 (3, h, w) pixel values, in numpy
-    (so a worker thread can do it beside the model; stack a batch with np.stack)."""
-    scale, offset = channel_affine(config)
-    pixels = crop.transpose(2, 0, 1).astype(np.float32)
-    pixels *= scale.reshape(3, 1, 1)
-    pixels -= offset.reshape(3, 1, 1)
-    return pixels
-
-
 def normalise_batch(batch: torch.Tensor, config: PreprocessConfig, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A uint8 (N, h, w, 3) batch (on any device, the GPU path) -> normalised (N, 3, h, w)
     `dtype` pixel values, in one fused multiply-add on that device."""
@@ -135,7 +125,16 @@ def normalise_batch(batch: torch.Tensor, config: PreprocessConfig, dtype: torch.
     return pixels.to(dtype).contiguous()
 
 
+def crops_from_pixel_values(pixels: torch.Tensor, config: PreprocessConfig) -> torch.Tensor:
+    """Normalised float (N, 3, h, w) pixel values -> the uint8 (N, h, w, 3) crops they were made
+    from (exact for those; other values are rounded and clipped), for a model that takes crops."""
+    scale, offset = (torch.from_numpy(a).view(1, 3, 1, 1) for a in channel_affine(config))
+    values = (pixels.detach().to("cpu", torch.float32) + offset) / scale
+    return values.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 def preprocess_images(images: Sequence[np.ndarray], config: PreprocessConfig) -> torch.Tensor:
-    """RGB uint8 frames of any size -> normalised float32 (N, 3, h, w) model input, as the
-    CPU path prepares them."""
-    return torch.from_numpy(np.stack([normalise_crop(resize_and_crop(img, config), config) for img in images]))
+    """RGB uint8 frames of any size -> normalised float32 (N, 3, h, w) model input: the crops
+    every path makes, normalised as the torch paths do (OpenVINO does the same in its graph)."""
+    crops = torch.from_numpy(np.stack([resize_and_crop(image, config) for image in images]))
+    return normalise_batch(crops, config)
