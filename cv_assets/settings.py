@@ -196,6 +196,9 @@ class AppearanceSettings(_Section):
     extent_rounds: int = Field(3, ge=1, le=8)
     # Scores this close count as equal: the tightest region or edge among them wins.
     tie_margin: Fraction = 0.03
+    # A crop whose pixels did not change since the previous sampled frame of its scene
+    # (a fixed camera's background, a prop standing still) reuses that frame's vector.
+    reuse_unchanged_regions: bool = True
     # A ground-truth match needs at least this IoU (precision/recall against ground truth).
     eval_iou: Fraction = 0.1
     # Similarity thresholds by embedder family; a CLIP threshold means nothing for

@@ -12,6 +12,7 @@ from cv_assets.analysis.appearances import (
     RegionSearch,
     iou,
     match_frames,
+    unchanged,
 )
 from cv_assets.analysis.continuity import SceneInput, score_scenes
 
@@ -125,6 +126,65 @@ def test_no_seed_no_fit_and_nothing_to_do_without_frames_or_references():
     assert outcome.forwards == len(candidate_regions(640, 360, coarse.coarse_scales, coarse.coarse_overlap))
     assert match_frames([], refs, colour_embed, coarse).forwards == 0
     assert match_frames(frames, [], colour_embed, coarse).appearances == []
+
+
+def counting(embed):
+    """`embed` that also records every crop it is given."""
+    seen = []
+
+    def run(crops):
+        seen.extend(crops)
+        return embed(crops)
+
+    run.seen = seen
+    return run
+
+
+def codec_noise(image, seed=0):
+    """What re-encoding does to a still region: most pixels off by a grey level or so."""
+    noise = np.random.default_rng(seed).integers(-1, 2, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def test_unchanged_accepts_codec_noise_and_refuses_a_small_object_entering():
+    still = frame_with([((100, 100, 200, 220), RED)])[0:216, 0:216]
+    assert unchanged(still, codec_noise(still))
+    entered = still.copy()
+    entered[10:22, 10:22] = BLUE  # 144 pixels, 0.3% of the crop: a mean change under 1 level
+    assert np.abs(entered.astype(int) - still).mean() < 1.0
+    assert not unchanged(still, entered)
+    assert not unchanged(still, still[:, :100])
+
+
+def test_a_frame_unchanged_since_the_previous_one_of_its_scene_costs_no_forward():
+    image = frame_with([((300, 60, 360, 220), RED)])
+    frames = [FrameInput(0, 0, 0.0, image), FrameInput(0, 24, 1.0, codec_noise(image)),
+              FrameInput(1, 0, 0.0, image)]  # another scene never borrows
+    refs = [ReferenceAsset(1, "CHAR_01", unit(0))]
+    search = RegionSearch(threshold=0.5, coarse_to_fine=True)
+    embed = counting(colour_only_embed)
+    outcome = match_frames(frames, refs, embed, search)
+    first = match_frames(frames[:1], refs, colour_only_embed, search)
+    assert outcome.forwards == len(embed.seen) == 2 * first.forwards
+    assert outcome.reused == first.forwards
+    boxes = [a.bbox for a in outcome.appearances]
+    assert boxes == [first.appearances[0].bbox] * 3
+    assert np.allclose(outcome.appearances[1].embedding, outcome.appearances[0].embedding)
+    off = match_frames(frames, refs, colour_only_embed, RegionSearch(threshold=0.5, reuse_unchanged=False))
+    assert off.reused == 0 and off.forwards == 3 * first.forwards
+
+
+def test_an_object_entering_a_still_scene_is_found_and_only_changed_crops_are_embedded():
+    still = frame_with([((40, 40, 100, 200), RED)])
+    entered = frame_with([((40, 40, 100, 200), RED), ((480, 150, 540, 300), BLUE)])
+    refs = [ReferenceAsset(1, "CHAR_01", unit(0)), ReferenceAsset(2, "CHAR_02", unit(1))]
+    search = RegionSearch(threshold=0.5)
+    outcome = match_frames([FrameInput(0, 0, 0.0, still), FrameInput(0, 24, 1.0, entered)], refs,
+                           colour_only_embed, search)
+    alone = match_frames([FrameInput(0, 24, 1.0, entered)], refs, colour_only_embed, search)
+    assert [(a.frame_index, a.asset_code) for a in outcome.appearances] == [(0, "CHAR_01"), (24, "CHAR_01"), (24, "CHAR_02")]
+    assert [a.bbox for a in outcome.appearances[1:]] == [a.bbox for a in alone.appearances]
+    assert 0 < outcome.reused < alone.forwards  # the red object's fit is reused, the blue one's is not
 
 
 def test_one_appearance_per_asset_and_frame_even_with_many_overlapping_hits():

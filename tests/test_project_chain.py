@@ -74,6 +74,9 @@ def test_chain_materialises_every_asset_with_rows(demo_env):
     assert counts["frame_embeddings"] == counts["sampled_frames"]
     assert counts["appearances"] > 0 and counts["appearance_embeddings"] == counts["appearances"]
     assert "color_histogram" in mats["asset_appearances"]["embedder"]
+    # the demo's still props and backgrounds are embedded once per scene, then reused
+    assert 0 < mats["asset_appearances"]["regions_reused"] < mats["asset_appearances"]["regions_embedded"]
+    assert "unchanged since the previous frame reused" in mats["asset_appearances"]["source_clip_match"]
     # dlib from the faces extra when installed; the demo's sprites have no faces
     assert mats["asset_appearances"]["source_face_match"].startswith(
         ("enabled, 0 appearance(s): backend dlib", "disabled: install the faces extra"))

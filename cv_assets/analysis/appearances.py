@@ -14,6 +14,10 @@ every reference asset's vector, in two stages:
 
 An asset appears when its best region or its fitted box reaches the threshold; at most
 one appearance per asset and frame. `MatchOutcome.forwards` counts every crop embedded.
+
+A crop whose pixels did not change since the previous sampled frame of its scene (a fixed
+camera's background, a prop standing still) takes that frame's vector instead of being
+embedded again (`RegionSearch.reuse_unchanged`, see `unchanged`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 
 Box = tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels, exclusive end
@@ -112,13 +117,36 @@ class RegionSearch:
     extent_steps: int = 3
     extent_rounds: int = 3
     tie_margin: float = 0.03
+    reuse_unchanged: bool = True
+
+
+# A crop is unchanged when its pixels moved by at most UNCHANGED_MEAN_DIFF grey levels on
+# average and no more than UNCHANGED_MAX_SHARE of them by over UNCHANGED_PIXEL_DIFF (codec
+# noise stays under both; a small object entering the crop breaks the second).
+UNCHANGED_MEAN_DIFF = 1.0
+UNCHANGED_PIXEL_DIFF = 12
+UNCHANGED_MAX_SHARE = 0.001
+
+
+def unchanged(before: np.ndarray, after: np.ndarray) -> bool:
+    """Whether two crops of the same box in two frames show the same pixels (see above)."""
+    if before.shape != after.shape:
+        return False
+    diff = cv2.absdiff(before, after)
+    moved = np.count_nonzero(diff.max(axis=-1) > UNCHANGED_PIXEL_DIFF)
+    return float(diff.mean()) <= UNCHANGED_MEAN_DIFF and moved <= UNCHANGED_MAX_SHARE * diff.shape[0] * diff.shape[1]
 
 
 @dataclass
 class _FrameRegions:
-    """Every box embedded so far for one frame, its vector and its score per asset."""
+    """Every box embedded so far for one frame, its vector and its score per asset, and the
+    previous frame of its scene (whose unchanged crops it may reuse). `embedded` counts the
+    forwards spent on this frame, `reused` the vectors copied from the previous one."""
 
     frame: "FrameInput"
+    previous: "_FrameRegions | None" = None
+    embedded: int = 0
+    reused: int = 0
     boxes: list[Box] = field(default_factory=list)
     vectors: list[np.ndarray] = field(default_factory=list)
     scores: list[np.ndarray] = field(default_factory=list)
@@ -136,30 +164,48 @@ class _FrameRegions:
     def vector_of(self, box: Box) -> np.ndarray:
         return self.vectors[self.positions[box]]
 
+    def copy_from(self, source: "_FrameRegions", box: Box) -> None:
+        i = source.positions[box]
+        self.add(box, source.vectors[i], source.scores[i])
+        self.reused += 1
+
 
 @dataclass(frozen=True)
 class MatchOutcome:
     appearances: list["Appearance"]
     forwards: int  # crops embedded (the whole frame counts as one)
     frames: int
+    reused: int = 0  # crops unchanged since the previous frame: its vector, no forward
 
     @property
     def forwards_per_frame(self) -> float:
         return self.forwards / self.frames if self.frames else 0.0
 
 
-def _embed_round(states: Sequence[_FrameRegions], requests: Sequence[Sequence[Box]], embed_images, ref_matrix) -> int:
-    """Embed, in one call, each frame's requested boxes that it has not embedded yet."""
-    todo = []
+def _embed_round(states: Sequence[_FrameRegions], requests: Sequence[Sequence[Box]], embed_images, ref_matrix) -> None:
+    """Embed, in one call, each frame's requested boxes that it has not embedded yet; a box
+    unchanged since the previous frame copies that frame's vector (embedded earlier or in
+    this call: `states` are in frame order)."""
+    todo, copies, requested = [], [], set()
     for state, boxes in zip(states, requests):
-        todo += [(state, b) for b in dict.fromkeys(boxes) if b not in state.positions and area(b) > 0]
-    if not todo:
-        return 0
-    vectors = embed_images([crop(state.frame.image, b) for state, b in todo])
-    scores = vectors @ ref_matrix.T
-    for (state, box), vector, row in zip(todo, vectors, scores):
-        state.add(box, vector, row)
-    return len(todo)
+        for box in dict.fromkeys(boxes):
+            if box in state.positions or area(box) <= 0:
+                continue
+            requested.add((id(state), box))
+            source = state.previous
+            if (source is not None and (box in source.positions or (id(source), box) in requested)
+                    and unchanged(crop(source.frame.image, box), crop(state.frame.image, box))):
+                copies.append((state, box))
+            else:
+                todo.append((state, box))
+    if todo:
+        vectors = embed_images([crop(state.frame.image, b) for state, b in todo])
+        scores = vectors @ ref_matrix.T
+        for (state, box), vector, row in zip(todo, vectors, scores):
+            state.add(box, vector, row)
+            state.embedded += 1
+    for state, box in copies:
+        state.copy_from(state.previous, box)
 
 
 def _best(state: _FrameRegions, k: int) -> tuple[Box, float] | None:
@@ -252,10 +298,9 @@ def _seed(state: _FrameRegions, k: int, search: RegionSearch) -> tuple[Box, floa
     return min(close, key=area), best[1]
 
 
-def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSearch, embed_images, ref_matrix) -> tuple[list, int]:
+def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSearch, embed_images, ref_matrix) -> list:
     """Fit each seeded asset's box to the object (see `_AxisProfile`), both axes at once,
-    one embedding round per refinement. Returns [(frame, asset, box, seed score)] and the
-    forwards spent."""
+    one embedding round per refinement. Returns [(frame, asset, box, seed score)]."""
     fits = []
     for f, state in enumerate(states):
         height, width = state.frame.image.shape[:2]
@@ -265,20 +310,19 @@ def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSear
                 window = _window(seeded[0], search.extent_reach, width, height)
                 fits.append((_ObjectFit(f, k, seeded[0], window, [_AxisProfile(0, window), _AxisProfile(1, window)]),
                              seeded[1]))
-    forwards = 0
     for _ in range(search.extent_rounds):
         plans = [(fit, axis, axis.next_positions(search.extent_steps, search.tie_margin))
                  for fit, _ in fits for axis in fit.axes]
         requests = _per_frame(states, {(fit.frame, id(axis)): [b for p in positions for b in axis.parts(p)]
                                        for fit, axis, positions in plans})
-        forwards += _embed_round(states, requests, embed_images, ref_matrix)
+        _embed_round(states, requests, embed_images, ref_matrix)
         for fit, axis, positions in plans:
             state = states[fit.frame]
             for p in positions:
                 axis.contrast[p] = _part_score(state, axis.parts(p)[1], fit.asset) - _part_score(state, axis.parts(p)[0], fit.asset)
     boxes = {(fit.frame, id(fit)): [fit.box(search.tie_margin)] for fit, _ in fits}
-    forwards += _embed_round(states, _per_frame(states, boxes), embed_images, ref_matrix)
-    return [(fit.frame, fit.asset, fit.box(search.tie_margin), seed_score) for fit, seed_score in fits], forwards
+    _embed_round(states, _per_frame(states, boxes), embed_images, ref_matrix)
+    return [(fit.frame, fit.asset, fit.box(search.tie_margin), seed_score) for fit, seed_score in fits]
 
 
 def _part_score(state: _FrameRegions, box: Box, k: int) -> float:
@@ -293,13 +337,13 @@ def _per_frame(states, boxes_by_key: dict) -> list[list[Box]]:
     return requests
 
 
-def _search_regions(states, search: RegionSearch, embed_images, ref_matrix) -> int:
+def _search_regions(states, search: RegionSearch, embed_images, ref_matrix) -> None:
     """Embed the whole frame and a grid: every scale, or only the coarse ones (the edge
     search around each seed is then the fine stage)."""
     scales, overlap = ((search.coarse_scales, search.coarse_overlap) if search.coarse_to_fine
                        else (search.scales, search.overlap))
     grids = [candidate_regions(s.frame.image.shape[1], s.frame.image.shape[0], scales, overlap) for s in states]
-    return _embed_round(states, grids, embed_images, ref_matrix)
+    _embed_round(states, grids, embed_images, ref_matrix)
 
 
 def crop(image: np.ndarray, box: Box) -> np.ndarray:
@@ -317,23 +361,29 @@ def match_frames(
     """Appearances of every reference asset in every frame (at most one per asset and frame).
 
     A few frames are searched together so each round's crops go to the embedder in one
-    full batch while memory stays bounded by `frames_per_batch` frames.
+    full batch while memory stays bounded by `frames_per_batch` frames (and, for reuse,
+    the last frame of each scene).
     """
     if not frames or not references:
         return MatchOutcome([], 0, len(frames))
     ref_matrix = np.stack([r.vector for r in references]).astype(np.float32)
     found: list[Appearance] = []
-    forwards = 0
+    forwards = reused = 0
+    last_of_scene: dict[int, _FrameRegions] = {}
     for start in range(0, len(frames), frames_per_batch):
-        states = [_FrameRegions(f) for f in frames[start : start + frames_per_batch]]
-        forwards += _search_regions(states, search, embed_images, ref_matrix)
-        fitted, extra = fit_boxes(states, len(references), search, embed_images, ref_matrix)
-        forwards += extra
-        for f, k, box, seed_score in fitted:
+        states = []
+        for frame in frames[start : start + frames_per_batch]:
+            states.append(_FrameRegions(frame, last_of_scene.get(frame.scene_index) if search.reuse_unchanged else None))
+            last_of_scene[frame.scene_index] = states[-1]
+        _search_regions(states, search, embed_images, ref_matrix)
+        for f, k, box, seed_score in fit_boxes(states, len(references), search, embed_images, ref_matrix):
             confidence = max(seed_score, states[f].score_of(box, k))
             if confidence >= search.threshold:
                 found.append(_appearance(states[f], references[k], box, confidence))
-    return MatchOutcome(found, forwards, len(frames))
+        for state in states:
+            forwards, reused = forwards + state.embedded, reused + state.reused
+            state.previous = None  # only the last frame of each scene stays alive
+    return MatchOutcome(found, forwards, len(frames), reused)
 
 
 def _appearance(state: _FrameRegions, ref: ReferenceAsset, box: Box, confidence: float) -> Appearance:

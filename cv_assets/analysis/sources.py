@@ -67,6 +67,7 @@ class ClipMatchSource(_Source):
     search: RegionSearch = field(default_factory=lambda: RegionSearch(threshold=0.65))
     name: str = "clip_match"
     regions_embedded: int = field(default=0, init=False)
+    regions_reused: int = field(default=0, init=False)
     frames_searched: int = field(default=0, init=False)
 
     @property
@@ -81,13 +82,15 @@ class ClipMatchSource(_Source):
     def find(self, frames, references):
         outcome = match_frames(frames, references, self.embed_images, self.search)
         self.regions_embedded, self.frames_searched = outcome.forwards, outcome.frames
+        self.regions_reused = outcome.reused
         self.found = len(outcome.appearances)
         return outcome.appearances
 
     def detail(self) -> str:
         mode = "coarse to fine" if self.search.coarse_to_fine else "exhaustive grid"
         return (f"threshold {self.threshold}, {mode}, {self.regions_embedded} regions embedded "
-                f"({self.forwards_per_frame:.1f} per frame)")
+                f"({self.forwards_per_frame:.1f} per frame), {self.regions_reused} unchanged since the "
+                f"previous frame reused")
 
 
 def missing_model_files(paths: dict[str, Path | None]) -> str | None:
@@ -220,7 +223,7 @@ def region_search(appearances: AppearanceSettings, threshold: float) -> RegionSe
         coarse_overlap=appearances.coarse_overlap, seed_margin=appearances.seed_margin,
         extent_reach=appearances.extent_reach, extent_steps=appearances.extent_steps,
         extent_rounds=appearances.extent_rounds,
-        tie_margin=appearances.tie_margin)
+        tie_margin=appearances.tie_margin, reuse_unchanged=appearances.reuse_unchanged_regions)
 
 
 def build_sources(

@@ -133,6 +133,7 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
         "backend": f"{model.device}, {model.backend} {model.precision}",
         "match_seconds": round(match_seconds, 2),
         "regions_embedded": regions,
+        "regions_reused": sum(getattr(s, "regions_reused", 0) for s in sources),
         "regions_per_sec": round(regions / match_seconds, 1) if match_seconds > 0 else 0.0,
         **{"forwards_per_frame": round(s.forwards_per_frame, 1) for s in sources if hasattr(s, "forwards_per_frame")},
         "by_asset": MetadataValue.md(markdown_table(
