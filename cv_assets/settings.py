@@ -192,6 +192,9 @@ class AppearanceSettings(_Section):
     # each side; each axis is split at extent_steps even positions, then each edge is
     # bisected once per further round, for extent_rounds rounds (one embedding batch each).
     extent_reach: Fraction = 0.3
+    # ...on a side where no neighbouring region beyond the seed scores like a seed, the seed
+    # holds the object: the window grows by only edge_reach there.
+    edge_reach: Fraction = 0.05
     extent_steps: int = Field(3, ge=1, le=32)
     extent_rounds: int = Field(3, ge=1, le=8)
     # Scores this close count as equal: the tightest region or edge among them wins.

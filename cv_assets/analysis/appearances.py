@@ -114,6 +114,7 @@ class RegionSearch:
     coarse_overlap: float = 0.25
     seed_margin: float = 0.45
     extent_reach: float = 0.3
+    edge_reach: float = 0.05
     extent_steps: int = 3
     extent_rounds: int = 3
     tie_margin: float = 0.03
@@ -215,11 +216,29 @@ def _best(state: _FrameRegions, k: int) -> tuple[Box, float] | None:
     return state.boxes[i], float(state.scores[i][k])
 
 
-def _window(seed: Box, reach: float, width: int, height: int) -> Box:
-    """Where the object around a matching seed region can be: the seed grown by `reach`
-    times the frame's shorter side on every side, inside the frame."""
-    d = int(round(reach * min(width, height)))
-    return max(0, seed[0] - d), max(0, seed[1] - d), min(width, seed[2] + d), min(height, seed[3] + d)
+def _window(state: _FrameRegions, seed: Box, assets: Sequence[int], search: RegionSearch) -> Box:
+    """Where the object(s) seeded at `seed` can be: the seed grown on each side by
+    `extent_reach` times the frame's shorter side where a neighbouring region reaching past
+    that side scores like a seed for one of `assets` (the object may go on there), else by
+    only `edge_reach` (the seed holds that side). A tight window leaves other objects out of
+    the fit's parts. Assets seeded at one region share the window, so their fits share crops."""
+    height, width = state.frame.image.shape[:2]
+    floor = search.threshold - search.seed_margin
+    goes_on = [False] * 4  # past x1, y1, x2, y2
+    for box, row in zip(state.boxes, state.scores):
+        if _beside(box, seed) and max(row[k] for k in assets) >= floor:
+            past = (box[0] < seed[0], box[1] < seed[1], box[2] > seed[2], box[3] > seed[3])
+            goes_on = [a or b for a, b in zip(goes_on, past)]
+    short = min(width, height)
+    d = [int(round((search.extent_reach if on else search.edge_reach) * short)) for on in goes_on]
+    return max(0, seed[0] - d[0]), max(0, seed[1] - d[1]), min(width, seed[2] + d[2]), min(height, seed[3] + d[3])
+
+
+def _beside(box: Box, seed: Box) -> bool:
+    """`box` overlaps `seed` without containing it (a neighbour, not the whole frame)."""
+    overlaps = min(box[2], seed[2]) > max(box[0], seed[0]) and min(box[3], seed[3]) > max(box[1], seed[1])
+    contains = box[0] <= seed[0] and box[1] <= seed[1] and box[2] >= seed[2] and box[3] >= seed[3]
+    return overlaps and not contains
 
 
 @dataclass
@@ -303,13 +322,14 @@ def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSear
     one embedding round per refinement. Returns [(frame, asset, box, seed score)]."""
     fits = []
     for f, state in enumerate(states):
-        height, width = state.frame.image.shape[:2]
-        for k in range(n_assets):
-            seeded = _seed(state, k, search)
-            if seeded is not None:
-                window = _window(seeded[0], search.extent_reach, width, height)
-                fits.append((_ObjectFit(f, k, seeded[0], window, [_AxisProfile(0, window), _AxisProfile(1, window)]),
-                             seeded[1]))
+        seeds = {k: seeded for k in range(n_assets) if (seeded := _seed(state, k, search)) is not None}
+        by_seed: dict[Box, list[int]] = {}
+        for k, (seed, _) in seeds.items():
+            by_seed.setdefault(seed, []).append(k)
+        windows = {seed: _window(state, seed, assets, search) for seed, assets in by_seed.items()}
+        for k, (seed, score) in seeds.items():
+            window = windows[seed]
+            fits.append((_ObjectFit(f, k, seed, window, [_AxisProfile(0, window), _AxisProfile(1, window)]), score))
     for _ in range(search.extent_rounds):
         plans = [(fit, axis, axis.next_positions(search.extent_steps, search.tie_margin))
                  for fit, _ in fits for axis in fit.axes]

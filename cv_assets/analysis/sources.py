@@ -221,7 +221,7 @@ def region_search(appearances: AppearanceSettings, threshold: float) -> RegionSe
         threshold=threshold, scales=tuple(appearances.region_scales), overlap=appearances.region_overlap,
         coarse_to_fine=appearances.coarse_to_fine, coarse_scales=tuple(appearances.coarse_scales),
         coarse_overlap=appearances.coarse_overlap, seed_margin=appearances.seed_margin,
-        extent_reach=appearances.extent_reach, extent_steps=appearances.extent_steps,
+        extent_reach=appearances.extent_reach, edge_reach=appearances.edge_reach, extent_steps=appearances.extent_steps,
         extent_rounds=appearances.extent_rounds,
         tie_margin=appearances.tie_margin, reuse_unchanged=appearances.reuse_unchanged_regions)
 
