@@ -187,6 +187,18 @@ def test_an_object_entering_a_still_scene_is_found_and_only_changed_crops_are_em
     assert 0 < outcome.reused < alone.forwards  # the red object's fit is reused, the blue one's is not
 
 
+@pytest.mark.parametrize("truth", [(300, 60, 360, 220), (40, 150, 200, 330), (500, 10, 620, 100)])
+def test_later_fit_rounds_embed_one_part_per_edge(truth):
+    # Grid (whole frame + 8 coarse crops), then 2 axes x 3 splits x 2 parts, then one part
+    # per edge per round for 2 rounds, then the box itself.
+    frames = [FrameInput(0, 0, 0.0, frame_with([(truth, RED)]))]
+    search = RegionSearch(threshold=0.5)
+    outcome = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_only_embed, search)
+    grid = len(candidate_regions(640, 360, search.coarse_scales, search.coarse_overlap))
+    assert outcome.forwards == grid + 2 * search.extent_steps * 2 + 4 * (search.extent_rounds - 1) + 1 == 30
+    assert iou(outcome.appearances[0].bbox, truth) >= 0.65
+
+
 def test_one_appearance_per_asset_and_frame_even_with_many_overlapping_hits():
     frames = [FrameInput(0, 0, 0.0, frame_with([((100, 50, 300, 300), RED)]))]
     found = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_embed,

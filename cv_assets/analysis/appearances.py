@@ -250,13 +250,23 @@ class _AxisProfile:
     `far - near` is at its highest there. A colour-only embedder scores any crop with a
     piece of a flat object alike (a plateau: the innermost split of the plateau is the
     start); a photo scores highest when the crop meets the object's edge (a peak). The
-    end is the mirror image (`near - far` highest). Positions are added round by round,
-    finer around the current estimate.
+    end is the mirror image (`near - far` highest).
+
+    The first round embeds both parts at even splits. Each later round bisects each edge's
+    bracket and embeds only the part beyond that edge (the near part for the start, the far
+    part for the end): whether it holds any of the object is what moves the edge. The other
+    part, which holds (almost) all of the object on both sides of the bracket, is
+    interpolated between the bracket's ends.
     """
 
     axis: int  # 0: x, 1: y
     window: Box
-    contrast: dict[int, float] = field(default_factory=dict)  # position -> far - near
+    near: dict[int, float] = field(default_factory=dict)  # position -> score of the part before it
+    far: dict[int, float] = field(default_factory=dict)  # position -> score of the part after it
+
+    @property
+    def contrast(self) -> dict[int, float]:
+        return {p: self.far[p] - self.near[p] for p in self.near}
 
     def parts(self, position: int) -> tuple[Box, Box]:
         near, far = list(self.window), list(self.window)
@@ -268,23 +278,45 @@ class _AxisProfile:
         """Start and end; a side where no split favours the far (near) part is the window
         border: the object reaches past it."""
         lo, hi = self.window[self.axis], self.window[self.axis + 2]
-        top, bottom = max(self.contrast.values()), min(self.contrast.values())
-        start = max(p for p, c in self.contrast.items() if c >= top - tie_margin) if top > tie_margin else lo
-        end = min(p for p, c in self.contrast.items() if c <= bottom + tie_margin) if bottom < -tie_margin else hi
+        contrast = self.contrast
+        top, bottom = max(contrast.values()), min(contrast.values())
+        start = max(p for p, c in contrast.items() if c >= top - tie_margin) if top > tie_margin else lo
+        end = min(p for p, c in contrast.items() if c <= bottom + tie_margin) if bottom < -tie_margin else hi
         return (start, end) if start < end else (lo, hi)
 
-    def next_positions(self, steps: int, tie_margin: float) -> list[int]:
-        """First `steps` even splits; then, for each edge, the midpoint towards the
-        neighbouring split on the object's side (where the change lies): a bisection."""
+    def next_probes(self, steps: int, tie_margin: float) -> dict[int, set[int]]:
+        """Split position -> the parts to embed there (0: near, 1: far): first `steps` even
+        splits, both parts; then, for each edge, the midpoint towards the neighbouring split
+        on the object's side (where the change lies), the part beyond that edge."""
         lo, hi = self.window[self.axis], self.window[self.axis + 2]
-        if not self.contrast:
-            return _inner_positions(lo, hi, steps)
-        known = sorted(self.contrast)
+        if not self.near:
+            return {p: {0, 1} for p in _inner_positions(lo, hi, steps)}
+        known = sorted(self.near)
         start, end = self.edges(tie_margin)
-        inner_of_start = min((p for p in known if p > start), default=hi)
-        inner_of_end = max((p for p in known if p < end), default=lo)
-        probes = {(start + inner_of_start) // 2, (inner_of_end + end) // 2}
-        return sorted(p for p in probes if lo < p < hi and p not in self.contrast)
+        probes: dict[int, set[int]] = {}
+        for position, part in (((start + min((p for p in known if p > start), default=hi)) // 2, 0),
+                               ((max((p for p in known if p < end), default=lo) + end) // 2, 1)):
+            if lo < position < hi and position not in self.near:
+                probes.setdefault(position, set()).add(part)
+        return probes
+
+    def record(self, position: int, near: float | None, far: float | None) -> None:
+        """The parts' scores at a split; a part not embedded is interpolated."""
+        lo, hi = self.window[self.axis], self.window[self.axis + 2]
+        self.near[position] = near if near is not None else _interpolate(self.near, position, {lo: 0.0})
+        self.far[position] = far if far is not None else _interpolate(self.far, position, {hi: 0.0})
+
+
+def _interpolate(values: dict[int, float], position: int, borders: dict[int, float]) -> float:
+    """Linear between the nearest known positions on either side (an empty part at the
+    window's border scores 0); the one known side where the other is unknown."""
+    known = {**borders, **values}
+    below = max((p for p in known if p < position), default=None)
+    above = min((p for p in known if p > position), default=None)
+    if below is None or above is None:
+        return known[above if below is None else below]
+    t = (position - below) / (above - below)
+    return known[below] + t * (known[above] - known[below])
 
 
 def _inner_positions(lo: int, hi: int, steps: int) -> list[int]:
@@ -301,7 +333,7 @@ class _ObjectFit:
     axes: list[_AxisProfile]
 
     def box(self, tie_margin: float) -> Box:
-        (x1, x2), (y1, y2) = (a.edges(tie_margin) if a.contrast else (a.window[a.axis], a.window[a.axis + 2])
+        (x1, x2), (y1, y2) = (a.edges(tie_margin) if a.near else (a.window[a.axis], a.window[a.axis + 2])
                               for a in self.axes)
         return x1, y1, x2, y2
 
@@ -331,15 +363,16 @@ def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSear
             window = windows[seed]
             fits.append((_ObjectFit(f, k, seed, window, [_AxisProfile(0, window), _AxisProfile(1, window)]), score))
     for _ in range(search.extent_rounds):
-        plans = [(fit, axis, axis.next_positions(search.extent_steps, search.tie_margin))
+        plans = [(fit, axis, axis.next_probes(search.extent_steps, search.tie_margin))
                  for fit, _ in fits for axis in fit.axes]
-        requests = _per_frame(states, {(fit.frame, id(axis)): [b for p in positions for b in axis.parts(p)]
-                                       for fit, axis, positions in plans})
+        requests = _per_frame(states, {(fit.frame, id(axis)): [axis.parts(p)[i] for p, which in probes.items() for i in which]
+                                       for fit, axis, probes in plans})
         _embed_round(states, requests, embed_images, ref_matrix)
-        for fit, axis, positions in plans:
+        for fit, axis, probes in plans:
             state = states[fit.frame]
-            for p in positions:
-                axis.contrast[p] = _part_score(state, axis.parts(p)[1], fit.asset) - _part_score(state, axis.parts(p)[0], fit.asset)
+            for p, which in probes.items():
+                axis.record(p, *(_part_score(state, part, fit.asset) if i in which else None
+                                 for i, part in enumerate(axis.parts(p))))
     boxes = {(fit.frame, id(fit)): [fit.box(search.tie_margin)] for fit, _ in fits}
     _embed_round(states, _per_frame(states, boxes), embed_images, ref_matrix)
     return [(fit.frame, fit.asset, fit.box(search.tie_margin), seed_score) for fit, seed_score in fits]
