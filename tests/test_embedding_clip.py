@@ -212,16 +212,17 @@ def test_embed_images_returns_unit_float32_rows_in_order(clip):
 def test_small_batches_and_several_workers_give_the_same_vectors(clip):
     frames = [_photo_like(120, 200, seed=i) for i in range(7)]
     reference = clip.embed_images(frames)
-    saved = clip.batch_size, clip.prefetch_workers, clip.prepare_in_workers
+    saved = clip.batch_size, clip.prefetch_workers, clip.prepare_in_workers, clip.prepare_threads
     try:
         for prepare_in_workers in (False, True):  # the CPU layout and the GPU layout
             clip.batch_size, clip.prefetch_workers, clip.prepare_in_workers = 2, 3, prepare_in_workers
+            clip.prepare_threads = 3
             np.testing.assert_allclose(clip.embed_images(frames), reference, atol=1e-5)
             outcome = clip.embed_sources(frames + [b"junk"])
             assert outcome.ok == list(range(7)) and list(outcome.errors) == [7]
             np.testing.assert_allclose(outcome.vectors, reference, atol=1e-5)
     finally:
-        clip.batch_size, clip.prefetch_workers, clip.prepare_in_workers = saved
+        clip.batch_size, clip.prefetch_workers, clip.prepare_in_workers, clip.prepare_threads = saved
 
 
 def test_vectors_equal_the_model_on_processor_output(clip):

@@ -4,9 +4,10 @@ This reproduces `CLIPImageProcessor` without its per-image PIL round trip. The r
 is torch's uint8 antialiased bicubic kernel, which implements Pillow's resampling
 (same a = -0.5 cubic, same support scaling when shrinking, same rounding), so crops
 match the processor to within one grey level; it is several times faster than the
-processor and runs without the GIL, so a worker thread can prepare the next batch
-while the model runs. Sizes, mean and std come from the checkpoint's
-`preprocessor_config.json` when it has one.
+processor and runs without the GIL, so threads resize a batch on every core. The
+crops stay uint8 up to the model: OpenVINO normalises them in its graph, the torch
+paths with `normalise_batch` on the model's device. Sizes, mean and std come from the
+checkpoint's `preprocessor_config.json` when it has one.
 """
 
 from __future__ import annotations
