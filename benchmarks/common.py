@@ -25,3 +25,15 @@ def build_vit_b32_model(seed: int = 0):
 
     torch.manual_seed(seed)
     return CLIPModel(CLIPConfig(projection_dim=512)).eval()
+
+
+def ready_batch(embedder, count: int, size: int, device: str = "cpu"):
+    """`count` inputs in the form the runtime's model itself takes, for a forward-only floor:
+    OpenVINO's compiled tower takes uint8 (N, size, size, 3) crops (it normalises them in its
+    graph), torch takes normalised (N, 3, size, size) pixel values."""
+    import numpy as np
+    import torch
+
+    if embedder.backend == "openvino":
+        return np.random.default_rng(count).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    return torch.randn(count, 3, size, size, device=device, dtype=embedder.dtype)

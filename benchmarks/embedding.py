@@ -45,6 +45,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import ready_batch  # noqa: E402
 from cv_assets.embedding import ClipEmbedder  # noqa: E402
 from cv_assets.embedding.base import available_cores  # noqa: E402
 from cv_assets.embedding.runtime import choose_runtime, probe_capabilities  # noqa: E402
@@ -241,13 +242,6 @@ def main() -> None:
     cosines = [r[3] for r in results.values() if not np.isnan(r[3])]
     if cosines:
         print(f"RATIO min_cosine_to_fp32 {min(cosines):.5f} target >= {TARGET_MIN_COSINE}")
-
-
-def ready_batch(embedder: ClipEmbedder, count: int, size: int, device: str):
-    """`count` inputs in the form the runtime's model itself takes (see the module docstring)."""
-    if embedder.backend == "openvino":
-        return np.random.default_rng(count).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
-    return torch.randn(count, 3, size, size, device=device, dtype=embedder.dtype)
 
 
 def per_image_peer(model, sample: list[Path], device: str, dtype: torch.dtype):

@@ -50,7 +50,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import build_vit_b32  # noqa: E402
+from benchmarks.common import build_vit_b32, ready_batch  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -206,10 +206,8 @@ def thumbnail_b64(rng: np.random.Generator) -> str:
 
 
 def forward_floor(embedder, n: int) -> float:
-    import torch
-
     size = embedder.preprocess_config.crop_height
-    batches = [torch.randn(min(embedder.batch_size, n - s), 3, size, size) for s in range(0, n, embedder.batch_size)]
+    batches = [ready_batch(embedder, min(embedder.batch_size, n - s), size) for s in range(0, n, embedder.batch_size)]
     began = time.perf_counter()
     for pixels in batches:
         embedder.forward(pixels)

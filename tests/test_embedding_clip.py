@@ -20,7 +20,7 @@ from cv_assets.embedding import (
     get_embedder,
 )
 from cv_assets.embedding.base import available_cores
-from cv_assets.embedding.preprocess import PreprocessConfig, preprocess_images
+from cv_assets.embedding.preprocess import PreprocessConfig, mean_colour, pad_to_square, preprocess_images
 from cv_assets.settings import EmbedderSettings
 
 
@@ -235,6 +235,27 @@ def test_vectors_equal_the_model_on_processor_output(clip):
     expected = torch.nn.functional.normalize(expected, dim=-1).numpy()
     ours = clip.embed_images(frames)
     assert (ours * expected).sum(axis=1).min() > 0.9999
+
+
+def test_regions_are_letterboxed_so_every_pixel_reaches_the_model(clip):
+    # A tall slab (a box fit's part): CLIP's centre crop keeps only its middle square, so
+    # what stands in its top rows never reaches the model through embed_images.
+    slab = _photo_like(240, 60, seed=3)
+    changed = slab.copy()
+    changed[:40] = (220, 30, 30)
+    cropped = clip.embed_images([slab, changed])
+    np.testing.assert_allclose(cropped[0], cropped[1], atol=1e-6)
+    regions = clip.embed_regions([slab, changed])
+    assert float(regions[0] @ regions[1]) < 0.9999
+    # The letterbox is the mean colour (zero once normalised), and a square region is as is.
+    fill = mean_colour(clip.preprocess_config)
+    config = clip.preprocess_config
+    normalised = (fill * config.rescale_factor - np.asarray(config.mean)) / np.asarray(config.std)
+    assert np.abs(normalised).max() < 0.01
+    padded = pad_to_square(slab, fill)
+    assert padded.shape == (240, 240, 3) and (padded[:, :90] == fill).all() and (padded[:, 90:150] == slab).all()
+    square = _photo_like(100, 100, seed=4)
+    np.testing.assert_allclose(clip.embed_regions([square]), clip.embed_images([square]), atol=1e-6)
 
 
 def test_inherited_service_names(clip, tmp_path):

@@ -114,7 +114,7 @@ def asset_appearances(context: AssetExecutionContext, settings: SettingsResource
     unembedded = sorted(a.code for a in project.assets if a.embedding_model_version != model.model_version)
     store = warehouse.get()
     frames, missing_frames = _frame_inputs(store, project.key)
-    sources = build_sources(cfg.appearances, cfg.cv_analysis, model.embed_images, model.family,
+    sources = build_sources(cfg.appearances, cfg.cv_analysis, model.embed_regions, model.family,
                             lambda: _reference_images(project))
     started = time.perf_counter()
     found = find_appearances(sources, frames, references)

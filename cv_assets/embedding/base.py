@@ -188,6 +188,12 @@ class Embedder:
         items = [(index, f"image {index}", image) for index, image in enumerate(images)]
         return self._run(items, _as_rgb_array, strict=True).vectors
 
+    def embed_regions(self, regions: Sequence[np.ndarray]) -> np.ndarray:
+        """Regions cut from frames (any aspect ratio: a search's crops, a detector's boxes) ->
+        vectors of all their content. An embedder whose preprocessing crops its input (CLIP's
+        centre crop) letterboxes them first; this one sees every pixel as it is."""
+        return self.embed_images(regions)
+
     def embed_sources(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None) -> EmbedOutcome:
         """Arrays, PIL images, paths or encoded bytes -> vectors for the good ones, reasons for the rest."""
         self.ensure_ready()

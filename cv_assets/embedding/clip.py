@@ -41,7 +41,9 @@ from cv_assets.embedding.locate import _looks_like_path, unavailable_message
 from cv_assets.embedding.preprocess import (
     PreprocessConfig,
     crops_from_pixel_values,
+    mean_colour,
     normalise_batch,
+    pad_to_square,
     resize_and_crop,
 )
 from cv_assets.embedding.runtime import Capabilities, choose_runtime, probe_capabilities, torch_dtype
@@ -347,6 +349,13 @@ class ClipEmbedder(Embedder):
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         """The model's uint8 (h, w, 3) input crop (normalised on the model's side)."""
         return resize_and_crop(image, self._load().preprocess)
+
+    def embed_regions(self, regions) -> np.ndarray:
+        """CLIP's processor centre-crops to a square, which would keep only the middle of a
+        tall or wide region (a box fit's slab, the whole 16:9 frame): each region is first
+        letterboxed into a square of the mean colour, which normalises to zero."""
+        fill = mean_colour(self._load().preprocess)
+        return self.embed_images([pad_to_square(region, fill) for region in regions])
 
     def _embed_prepared(self, prepared: list[np.ndarray]):
         loaded = self._load()

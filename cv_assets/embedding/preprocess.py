@@ -112,6 +112,25 @@ def center_crop(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return center_crop(padded, crop_h, crop_w)
 
 
+def mean_colour(config: PreprocessConfig) -> np.ndarray:
+    """The uint8 RGB colour that normalises to (about) zero: the model's "nothing here"."""
+    return np.clip(np.round(np.asarray(config.mean) / config.rescale_factor), 0, 255).astype(np.uint8)
+
+
+def pad_to_square(image: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """`image` centred on a square canvas of colour `fill` (letterboxing), so a centre crop
+    to a square keeps all of it; a square image is returned as it is."""
+    height, width = image.shape[:2]
+    if height == width:
+        return image
+    side = max(height, width)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:] = fill
+    top, left = (side - height) // 2, (side - width) // 2
+    canvas[top:top + height, left:left + width] = image
+    return canvas
+
+
 def channel_affine(config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel float32 (scale, offset) with normalised = uint8 value * scale - offset."""
     std = np.asarray(config.std, dtype=np.float32)
