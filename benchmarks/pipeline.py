@@ -9,7 +9,9 @@ every step in its own process, reading what the step before stored); the in-proc
 executor is the default because the model loads once per run.
 
 The embedder is the full ViT-B/32 architecture with random weights: the same FLOPs as
-the real model, whose weights cannot be downloaded here.
+the real model, whose weights cannot be downloaded here. Random weights make the
+references look alike, so clip_match fits boxes for assets that are not there: the
+forwards per frame printed here are not the demo's (see benchmarks/quality.py).
 
     python benchmarks/pipeline.py [--quick]
 """
@@ -185,7 +187,10 @@ def main() -> None:
         print(f"RATIO pipeline_old_vs_floor {o / (d + f):.2f} target <= 1.3")
         print(f"RATIO pipeline_new_vs_floor {n / (d + nf):.2f} target <= 1.3")
         print(f"RATIO pipeline_new_vs_old_speedup {o / n:.2f} target >= 5.0")
-        print(f"RATIO forwards_per_frame_new {new[-1][2]:.1f} target <= 40")
+        # Random weights score the references alike against any region, so assets seed box
+        # fits where nothing of them shows: the <= 40 target is quality.py's.
+        print(f"# forwards per frame, new default with random weights: {new[-1][2]:.1f} "
+              f"(old {old[-1][2]:.0f}); the <= 40 target is measured by benchmarks/quality.py")
         if mp is not None:
             print(f"RATIO multiprocess_vs_in_process {mp / n:.2f} target >= 1.0")
 
