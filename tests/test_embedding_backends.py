@@ -3,8 +3,11 @@ backend/precision gives the fp32 torch vectors (cosine >= 0.999) under the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,7 +80,7 @@ def test_the_embedder_takes_its_runtime_from_the_probe_and_loads_nothing(tiny_cl
     assert (bf16.backend, bf16.precision, bf16.dtype) == ("torch", "bf16", torch.bfloat16)
     ov = ClipEmbedder(settings, capabilities=BF16_CPU_OV)
     assert (ov.backend, ov.precision, ov.dtype) == ("openvino", "bf16", torch.float32)  # converts from fp32
-    assert embedder._loaded is None and bf16._loaded is None and ov._loaded is None  # still lazy
+    assert embedder._checkpoint is None and bf16._checkpoint is None and ov._checkpoint is None  # still lazy
     with pytest.raises(EmbedderConfigError, match="openvino package is not installed"):
         ClipEmbedder(settings.model_copy(update={"backend": "openvino"}), capabilities=PLAIN_CPU)
 
@@ -158,7 +161,7 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
     written = (entry / "model.bin").stat().st_mtime_ns
 
     # In the same process a second embedder shares the compiled tower.
-    assert _openvino(tiny_clip_dir, cache)._compile_tower(first._loaded, "image") is first._image_tower
+    assert _openvino(tiny_clip_dir, cache)._compile_tower(first._checkpoint, "image") is first._image_tower
     # A second process (here: the process's compiled towers forgotten) loads the entry instead of converting.
     forget_compiled()
     second = _openvino(tiny_clip_dir, cache)
@@ -180,6 +183,25 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
         for blob in (entry / "compiled").iterdir():
             blob.write_bytes(b"\0garbage" * 100)
 
+    def store_other_probe_vectors():
+        # Vectors that disagree with the tower, the manifest's digest updated to match them:
+        # only comparing the tower's output with them can tell.
+        with np.load(entry / "probe.npz") as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        arrays["expected"] = -arrays["expected"]
+        with (entry / "probe.npz").open("wb") as handle:
+            np.savez(handle, **arrays)
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest["probe_sha256"] = hashlib.sha256((entry / "probe.npz").read_bytes()).hexdigest()
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+
+    def drop_probe_vectors():
+        # An entry without stored probe vectors (as an older layout had): rebuilt, not trusted.
+        (entry / "probe.npz").unlink()
+        manifest = json.loads((entry / "manifest.json").read_text())
+        del manifest["probe_sha256"]
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+
     for damage in (
         alter_weights,
         garble_compiled_blobs,
@@ -187,6 +209,10 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
         lambda: (entry / "model.xml").write_text("<not a model"),
         lambda: (entry / "manifest.json").write_text("{"),
         lambda: (entry / "model.xml").unlink(),
+        lambda: (entry / "probe.npz").unlink(),
+        lambda: (entry / "probe.npz").write_bytes(b"garbage"),
+        store_other_probe_vectors,
+        drop_probe_vectors,
     ):
         damage()
         forget_compiled()
@@ -196,6 +222,55 @@ def test_openvino_cache_is_written_once_reused_and_rebuilt_when_corrupt(tiny_cli
         assert _entries(cache) == [entry]
         if damage is not garble_compiled_blobs:  # OpenVINO itself recompiles over a bad blob
             assert rebuilt._image_tower.built
+
+
+def test_a_warm_cache_embeds_without_the_torch_model_which_still_loads_on_demand(
+        tiny_clip_dir, tmp_path, monkeypatch):
+    """A good cache entry is loaded and checked against its stored probe vectors: another
+    process (here: the compiled towers forgotten) embeds images and texts without loading the
+    torch weights; `model` and the torch paths load them when asked."""
+    from transformers import CLIPModel
+
+    forget_compiled()
+    cache = tmp_path / "ov-cache"
+    first = _openvino(tiny_clip_dir, cache)
+    images, texts = first.embed_images(_frames()), first.embed_texts(TEXTS)
+    forget_compiled()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the torch CLIP weights were loaded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CLIPModel, "from_pretrained", refuse)
+        second = _openvino(tiny_clip_dir, cache)
+        np.testing.assert_allclose(second.embed_images(_frames()), images, atol=1e-6)
+        np.testing.assert_allclose(second.embed_texts(TEXTS), texts, atol=1e-6)
+        assert not second._image_tower.built and not second._text_tower.built
+        assert (second.model_version, second.preprocess_config) == (first.model_version, first.preprocess_config)
+        assert second._model is None
+    assert isinstance(second.model, CLIPModel)  # loaded lazily, on first use
+    np.testing.assert_allclose(second._forward_torch(normalise_batch(
+        torch.from_numpy(np.stack([second._prepare(frame) for frame in _frames()])), second.preprocess_config)),
+        images, atol=1e-5)
+
+
+def test_a_warm_cache_imports_no_transformers_modelling_code(tiny_clip_dir, tmp_path):
+    """What the lazy load saves in every new process: a fresh interpreter embeds images from a
+    warm cache without importing transformers' CLIP modelling code."""
+    cache = tmp_path / "ov-cache"
+    script = f"""
+import sys
+import numpy as np
+from cv_assets.embedding.clip import ClipEmbedder
+from cv_assets.settings import EmbedderSettings
+embedder = ClipEmbedder(EmbedderSettings(model={str(tiny_clip_dir)!r}, device="cpu", backend="openvino",
+                                         precision="fp32", compiled_cache_dir={str(cache)!r}))
+embedder.embed_images([np.zeros((40, 60, 3), np.uint8)])
+print(embedder._image_tower.built, "transformers.models.clip.modeling_clip" in sys.modules)
+"""
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+            for _ in range(2)]
+    assert runs == [["True", "True"], ["False", "False"]]  # converted (torch needed), then loaded without it
 
 
 def test_openvino_cache_key_covers_weights_and_precision(tiny_clip_dir, tiny_clip_dir_b, tmp_path):

@@ -5,8 +5,13 @@
   remote code, revision pinnable.
 - Device, backend, precision: `runtime.choose_runtime` (auto = CUDA torch fp16; on a
   CPU OpenVINO when installed, bf16 where the processor has it, else fp32), every core
-  this process may run on. OpenVINO towers are converted from the loaded model and
+  this process may run on. OpenVINO towers are converted from the torch model and
   cached on disk (`openvino_backend.py`).
+- Lazy torch: what keys and feeds the towers (version, weights' hash, preprocessing,
+  sizes) is read from the checkpoint's files (`describe_checkpoint`), so an OpenVINO
+  cache hit never imports transformers' modelling code nor loads the torch weights
+  (seconds per process: each step of a multiprocess run is one). The torch model is
+  loaded on first need: the torch backend, a cache miss, or the `model` property.
 - Version: `<repo>@<commit>` for hub models, `clip:<dir>@sha256:<12 hex>` for a local
   directory (hash of the weights and preprocessor config), stored with every vector.
 - Preprocessing: `preprocess.py` (arrays and torch kernels, no PIL round trip). The CPU
@@ -20,6 +25,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -53,6 +59,7 @@ log = logging.getLogger(__name__)
 
 WEIGHT_PATTERNS = ("*.safetensors",)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+MODEL_CONFIG = "config.json"
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 # Decoding a JPEG at 1/2, 1/4 or 1/8 scale is nearly free; keep at least twice the
 # model's input size so the final antialiased resize still has real detail to work with.
@@ -61,14 +68,16 @@ MAX_PREFETCH_WORKERS = 32
 
 
 @dataclass(frozen=True)
-class LoadedClip:
-    model: Any
-    preprocess: PreprocessConfig
+class ClipCheckpoint:
+    """A checkpoint as the embedder needs it, without its weights in memory."""
+
     directory: Path
     model_version: str
-    load_seconds: float
     # The weights' hash (keys the OpenVINO cache): sha256 of the files, or of the tensors.
-    weights_id: str = ""
+    weights_id: str
+    preprocess: PreprocessConfig
+    projection_dim: int
+    text_max_length: int
 
 
 def configure_cpu_threads(device: str) -> None:
@@ -132,17 +141,46 @@ def state_dict_digest(model: Any) -> str:
     return digest.hexdigest()
 
 
-def load_clip(settings: EmbedderSettings, device: str, dtype: torch.dtype = torch.float32) -> LoadedClip:
-    """Load the model named by `settings` or raise `ModelUnavailableError` (never a hub stack trace)."""
-    from transformers import CLIPModel
-    from transformers.utils import logging as hf_logging
+def _read_model_config(directory: Path) -> dict | None:
+    """The checkpoint's config.json as a dict (None where it cannot be read)."""
+    try:
+        return json.loads((directory / MODEL_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
 
-    started = time.perf_counter()
+
+def describe_checkpoint(settings: EmbedderSettings, config: dict | None = None) -> ClipCheckpoint | None:
+    """The checkpoint named by `settings`, read from its files without transformers or torch
+    (`config`: the model's config as a dict, where the caller has the model). None where the
+    files do not say enough (a hub model not downloaded yet): loading the model comes first."""
     local_dir = Path(settings.model).expanduser()
     local = local_dir.is_dir()
     if _looks_like_path(settings.model) and not local:
         raise ModelUnavailableError(unavailable_message(settings, "the directory does not exist")) from None
-    configure_cpu_threads(device)
+    directory = local_dir if local else (_hub_snapshot_dir(settings) or Path(settings.model))
+    config = config or _read_model_config(directory)
+    try:
+        image_size = int(config["vision_config"]["image_size"])
+        projection_dim = int(config["projection_dim"])
+        text_max_length = int(config["text_config"]["max_position_embeddings"])
+    except (TypeError, KeyError, ValueError):
+        return None
+    default = PreprocessConfig.for_image_size(image_size)
+    config_file = directory / PREPROCESSOR_CONFIG
+    preprocess = PreprocessConfig.from_file(config_file, default) if config_file.is_file() else default
+    digest = weights_digest(directory) if local else None
+    version = _model_version(settings, directory, local, digest)
+    weights_id = f"sha256:{digest}" if digest else (_hub_weights_id(directory) or version)
+    return ClipCheckpoint(directory, version, weights_id, preprocess, projection_dim, text_max_length)
+
+
+def load_clip_model(settings: EmbedderSettings, device: str, dtype: torch.dtype = torch.float32) -> Any:
+    """The torch `CLIPModel` named by `settings`, or `ModelUnavailableError` (never a hub stack trace)."""
+    from transformers import CLIPModel
+    from transformers.utils import logging as hf_logging
+
+    local_dir = Path(settings.model).expanduser()
+    local = local_dir.is_dir()
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # no progress bars or loading chatter in every run's log
     hf_logging.disable_progress_bar()
@@ -165,15 +203,7 @@ def load_clip(settings: EmbedderSettings, device: str, dtype: torch.dtype = torc
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    model = model.to(device).eval()
-    directory = local_dir if local else (_hub_snapshot_dir(settings) or Path(settings.model))
-    default = PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
-    config_file = directory / PREPROCESSOR_CONFIG
-    preprocess = PreprocessConfig.from_file(config_file, default) if config_file.is_file() else default
-    digest = weights_digest(directory) if local else None
-    version = _model_version(settings, directory, local, digest)
-    weights_id = f"sha256:{digest}" if digest else (_hub_weights_id(directory) or version)
-    return LoadedClip(model, preprocess, directory, version, time.perf_counter() - started, weights_id)
+    return model.to(device).eval()
 
 
 class PinnedBatches:
@@ -242,13 +272,16 @@ class ClipEmbedder(Embedder):
         self.prefetch_workers = 1 if on_cpu else min(MAX_PREFETCH_WORKERS, max(1, available_cores() - 1))
         self.prepare_in_workers = not on_cpu
         self.prepare_threads = available_cores()
-        self._loaded: LoadedClip | None = None
+        self._checkpoint: ClipCheckpoint | None = None
+        self._model = None  # the torch CLIPModel, loaded on first need (`_torch_model`)
         self._tokenizer = None
         self._image_tower = None
         self._text_tower = None
         self._pinned = PinnedBatches() if not on_cpu else None
         self.threads = available_cores()  # OpenVINO's inference threads (torch's: configure_cpu_threads)
-        self._lock = threading.Lock()
+        # Reentrant: loading under the lock may compile a tower, and a cache miss then loads
+        # the torch model (`_torch_model`, which takes the lock too).
+        self._lock = threading.RLock()
 
     # -- loading -------------------------------------------------------------------
     def ensure_ready(self) -> None:
@@ -283,33 +316,39 @@ class ClipEmbedder(Embedder):
             embedder.threads = threads
             torch.set_num_threads(threads)
         model = model.to(device=embedder.device, dtype=embedder.dtype).eval()
-        preprocess = preprocess or PreprocessConfig.for_image_size(int(model.config.vision_config.image_size))
+        config = model.config
+        preprocess = preprocess or PreprocessConfig.for_image_size(int(config.vision_config.image_size))
         weights_id = f"state-sha256:{state_dict_digest(model)}" if embedder.backend == "openvino" else model_version
+        checkpoint = ClipCheckpoint(Path("."), model_version, weights_id, preprocess, int(config.projection_dim),
+                                    int(config.text_config.max_position_embeddings))
         with embedder._lock:
-            embedder._install(LoadedClip(model, preprocess, Path("."), model_version, 0.0, weights_id))
+            embedder._model = model
+            embedder._install(checkpoint)
         return embedder
 
-    def _install(self, loaded: LoadedClip) -> None:
-        projection = int(loaded.model.config.projection_dim)
+    def _install(self, checkpoint: ClipCheckpoint) -> None:
+        projection = checkpoint.projection_dim
         if projection != EMBEDDING_DIM:
             raise ModelUnavailableError(
                 f"CLIP model {self.settings.model!r} projects to {projection} dimensions; "
                 f"the stores hold {EMBEDDING_DIM}-d vectors (use a ViT-B/32-style checkpoint)")
-        self.decode_min_side = DECODE_OVERSAMPLING * loaded.preprocess.shortest_edge
+        self.decode_min_side = DECODE_OVERSAMPLING * checkpoint.preprocess.shortest_edge
         if self.backend == "openvino":
-            self._image_tower = self._compile_tower(loaded, "image")
+            self._image_tower = self._compile_tower(checkpoint, "image")
             # OpenVINO computes in f32 where the CPU lacks the requested format: report what runs.
             if self._image_tower.precision != self.precision:
                 log.warning("embedder.precision %s is not supported by this CPU's OpenVINO plugin; running %s",
                             self.precision, self._image_tower.precision)
                 self.precision = self._image_tower.precision
-        self._loaded = loaded
+        self._checkpoint = checkpoint
 
-    def _compile_tower(self, loaded: LoadedClip, tower: str):
+    def _compile_tower(self, checkpoint: ClipCheckpoint, tower: str):
         from cv_assets.embedding.openvino_backend import load_tower
 
-        return load_tower(loaded.model, tower, weights_id=loaded.weights_id, precision=self.precision,
-                          cache_dir=self.compiled_cache_dir, threads=self.threads, preprocess=loaded.preprocess)
+        # The torch model only to convert: a good cache entry is loaded and checked without it.
+        return load_tower(self._torch_model, tower, weights_id=checkpoint.weights_id, precision=self.precision,
+                          cache_dir=self.compiled_cache_dir, threads=self.threads,
+                          preprocess=checkpoint.preprocess)
 
     @property
     def compiled_cache_dir(self) -> Path:
@@ -318,20 +357,43 @@ class ClipEmbedder(Embedder):
         configured = self.settings.compiled_cache_dir
         return Path(configured).expanduser() if configured else default_compiled_cache_dir()
 
-    def _load(self) -> LoadedClip:
-        if self._loaded is None:
+    def _load(self) -> ClipCheckpoint:
+        if self._checkpoint is None:
             with self._lock:
-                if self._loaded is None:
-                    loaded = load_clip(self.settings, self.device, self.dtype)
-                    self._install(loaded)
-                    log.info("loaded CLIP %s on %s (%s %s) in %.1fs", loaded.model_version, self.device,
-                             self.backend, self.precision, loaded.load_seconds)
-        return self._loaded
+                if self._checkpoint is None:
+                    self._install_checkpoint()
+        return self._checkpoint
+
+    def _install_checkpoint(self) -> None:
+        """Read the checkpoint and make the image side ready (lock held). The torch model is
+        loaded here only where it is needed now: the torch backend, an OpenVINO cache miss,
+        or a checkpoint whose files are not there yet (a hub model `from_pretrained` fetches)."""
+        started = time.perf_counter()
+        configure_cpu_threads(self.device)
+        checkpoint = describe_checkpoint(self.settings)
+        if checkpoint is None:
+            checkpoint = describe_checkpoint(self.settings, self._torch_model().config.to_dict())
+        if self.backend == "torch":
+            self._torch_model()
+        self._install(checkpoint)
+        log.info("loaded CLIP %s on %s (%s %s, torch model %s) in %.1fs", checkpoint.model_version, self.device,
+                 self.backend, self.precision, "loaded" if self._model is not None else "not needed",
+                 time.perf_counter() - started)
+
+    def _torch_model(self):
+        """The torch `CLIPModel`, loaded once, on first need."""
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = load_clip_model(self.settings, self.device, self.dtype)
+        return self._model
 
     @property
     def model(self):
-        """The torch `CLIPModel` (on the OpenVINO backend: the fp32 model it was converted from)."""
-        return self._load().model
+        """The torch `CLIPModel` (on the OpenVINO backend: the fp32 model it was converted from),
+        loaded on first use."""
+        self._load()
+        return self._torch_model()
 
     @property
     def preprocess_config(self) -> PreprocessConfig:
@@ -358,12 +420,12 @@ class ClipEmbedder(Embedder):
         return self.embed_images([pad_to_square(region, fill) for region in regions])
 
     def _embed_prepared(self, prepared: list[np.ndarray]):
-        loaded = self._load()
+        checkpoint = self._load()
         if self.device == "cuda":
             # Stays on the GPU, unsynchronised: the CPU goes on to stage the next batch while
             # this one runs; `_collect` copies every batch back at once.
             on_device = self._pinned.stage(prepared)
-            return self._forward_torch(normalise_batch(on_device, loaded.preprocess, self.dtype))
+            return self._forward_torch(normalise_batch(on_device, checkpoint.preprocess, self.dtype))
         return self.forward(np.stack(prepared))
 
     def _collect(self, parts: list[Any]) -> np.ndarray:
@@ -373,7 +435,7 @@ class ClipEmbedder(Embedder):
 
     def _forward_torch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            output = self._load().model.get_image_features(pixel_values=pixel_values.to(self.dtype))
+            output = self.model.get_image_features(pixel_values=pixel_values.to(self.dtype))
             return torch.nn.functional.normalize(_features(output).float(), dim=-1)
 
     def forward(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -411,26 +473,24 @@ class ClipEmbedder(Embedder):
         """Text queries -> (N, 512) float32 unit vectors in the same space as the images."""
         if isinstance(texts, str):
             texts = [texts]
-        loaded = self._load()
-        model = loaded.model
+        checkpoint = self._load()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         tokenizer = self._load_tokenizer()
         if self.backend == "openvino" and self._text_tower is None:
             with self._lock:
                 if self._text_tower is None:
-                    self._text_tower = self._compile_tower(loaded, "text")
-        max_length = int(model.config.text_config.max_position_embeddings)
+                    self._text_tower = self._compile_tower(checkpoint, "text")
         vectors = []
         for start in range(0, len(texts), self.batch_size):
             tokens = tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                               max_length=max_length, return_tensors="pt")
+                               max_length=checkpoint.text_max_length, return_tensors="pt")
             if self._text_tower is not None:
                 vectors.append(self._text_tower(tokens["input_ids"].numpy().astype(np.int64),
                                                 tokens["attention_mask"].numpy().astype(np.int64)))
                 continue
             with torch.inference_mode():
-                features = _features(model.get_text_features(**tokens.to(self.device)))
+                features = _features(self.model.get_text_features(**tokens.to(self.device)))
                 vectors.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu().numpy())
         return np.concatenate(vectors, axis=0).astype(np.float32, copy=False)
 

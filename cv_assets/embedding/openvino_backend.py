@@ -4,7 +4,8 @@ Converting a ViT-B/32 from torch takes ~30 s, so each converted tower is kept on
 
     <cache_dir>/<key>/
         model.xml, model.bin    the OpenVINO IR (f32 weights; precision is a compile option)
-        manifest.json           what was converted, and the IR's sizes and xml digest
+        probe.npz               a fixed probe input and the torch model's vectors for it
+        manifest.json           what was converted, and the IR's sizes, xml and probe digests
         compiled/               OpenVINO's own cache of the compiled blob (faster reloads)
 
 The image tower takes the uint8 (N, h, w, 3) RGB crops themselves: converting them to
@@ -17,9 +18,11 @@ tower takes (for the image tower: the crops and their mean/std) and the OpenVINO
 version, so another checkpoint, precision, normalisation or OpenVINO release never
 reuses a model built for something else. A tower is compiled once per process (the embedder
 holds it). A cache entry that cannot be read, does not match its manifest or gives
-vectors that disagree with the torch model on a probe image is deleted and rebuilt;
-a new entry is written to a temporary folder and renamed into place, so a process
-that dies half-way, or two processes converting at once, never leave a broken entry.
+vectors that disagree with its stored probe vectors is deleted and rebuilt; a new entry
+is written to a temporary folder and renamed into place, so a process that dies
+half-way, or two processes converting at once, never leave a broken entry. Since the
+probe's vectors are stored with the entry, a good entry is loaded and checked without
+the torch model: that is loaded only to convert (a miss or a rebuild).
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch
 
 log = logging.getLogger(__name__)
 
+# 3: the entry holds the probe input and the torch model's vectors for it (probe.npz).
 # 2: the image tower takes uint8 NHWC crops and normalises them (1 took normalised float).
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 # The converted tower must agree with the torch fp32 tower on the probe input at least this
 # well; f32 agrees to ~1e-7, bf16 to ~1e-4, a damaged file not at all.
 PROBE_MIN_COSINE = 0.999
+PROBE_FILE = "probe.npz"
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 FROM_OV_PRECISION = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
@@ -231,7 +236,10 @@ def probe_crops(model: Any, batch: int = 2):
     return torch.randint(0, 256, (batch, size, size, 3), generator=generator, dtype=torch.uint8)
 
 
-def _reference(model: Any, tower: str, preprocess: PreprocessConfig | None) -> tuple[list[np.ndarray], np.ndarray]:
+Probe = tuple[list[np.ndarray], np.ndarray]  # the tower's input arrays, the vectors expected for them
+
+
+def _reference(model: Any, tower: str, preprocess: PreprocessConfig | None) -> Probe:
     """A fixed probe input and the torch model's vectors for it."""
     import torch
 
@@ -246,6 +254,26 @@ def _reference(model: Any, tower: str, preprocess: PreprocessConfig | None) -> t
             inputs = [ids, mask]
             expected = reference_model(ids, mask)
     return [t.numpy() for t in inputs], expected.float().numpy()
+
+
+def _save_probe(path: Path, probe: Probe) -> None:
+    inputs, expected = probe
+    with path.open("wb") as handle:
+        np.savez(handle, expected=expected, **{f"input{index}": array for index, array in enumerate(inputs)})
+
+
+def _read_probe(path: Path) -> Probe:
+    with np.load(path, allow_pickle=False) as stored:
+        inputs = [stored[f"input{index}"] for index in range(len(stored.files) - 1)]
+        return inputs, stored["expected"]
+
+
+def _probe_cosine(tower: "CompiledTower", probe: Probe) -> float:
+    """The lowest cosine between the tower's vectors for the probe input and the expected ones
+    (-1 where the shapes differ)."""
+    inputs, expected = probe
+    got = tower(*inputs)
+    return float((got * expected).sum(axis=1).min()) if got.shape == expected.shape else -1.0
 
 
 # -- the cache -----------------------------------------------------------------------------------
@@ -300,10 +328,12 @@ def _write_entry(model: Any, tower: str, preprocess: PreprocessConfig | None, ke
     try:
         converted = _convert(model, tower, preprocess)
         ov.save_model(converted, staging / "model.xml", compress_to_fp16=False)
+        _save_probe(staging / PROBE_FILE, _reference(model, tower, preprocess))
         manifest = {"format": CACHE_FORMAT, "tower": tower, "precision": precision, "weights": weights_id,
                     "inputs": tower_inputs(tower, preprocess), "openvino": openvino_version(),
                     "xml_sha256": _sha256_file(staging / "model.xml"),
-                    "bin_bytes": (staging / "model.bin").stat().st_size}
+                    "bin_bytes": (staging / "model.bin").stat().st_size,
+                    "probe_sha256": _sha256_file(staging / PROBE_FILE)}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1))
         target = cache_dir / key
         try:
@@ -328,6 +358,8 @@ def _check_entry(entry: Path) -> None:
             raise OpenVinoCacheError(f"{weights}: {weights.stat().st_size} bytes, manifest says {manifest['bin_bytes']}")
         if _sha256_file(xml) != manifest["xml_sha256"]:
             raise OpenVinoCacheError(f"{xml}: content differs from its manifest")
+        if _sha256_file(entry / PROBE_FILE) != manifest["probe_sha256"]:
+            raise OpenVinoCacheError(f"{entry / PROBE_FILE}: content differs from its manifest")
     except OpenVinoCacheError:
         raise
     except Exception as exc:  # missing file, bad JSON, missing key
@@ -335,30 +367,30 @@ def _check_entry(entry: Path) -> None:
 
 
 def _compile_in_memory(model: Any, tower: str, preprocess: PreprocessConfig | None, precision: str, threads: int,
-                       probe: tuple[list[np.ndarray], np.ndarray], started: float) -> CompiledTower:
+                       started: float) -> CompiledTower:
     ov = _openvino()
 
     compiled = ov.Core().compile_model(_convert(model, tower, preprocess), "CPU", compile_options(precision, threads))
     result = CompiledTower(compiled, effective_precision(compiled), Path(), 0.0, built=True)
-    inputs, expected = probe
-    if float((result(*inputs) * expected).sum(axis=1).min()) < PROBE_MIN_COSINE:
+    if _probe_cosine(result, _reference(model, tower, preprocess)) < PROBE_MIN_COSINE:
         raise OpenVinoCacheError(f"the converted CLIP {tower} tower disagrees with the torch model")
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _compile_entry(entry: Path, precision: str, threads: int, probe: tuple[list[np.ndarray], np.ndarray]):
+def _compile_entry(entry: Path, precision: str, threads: int) -> CompiledTower:
+    """Compile a checked entry and run its probe input: the vectors must match the ones the
+    torch model gave when the entry was written (stored beside it)."""
     ov = _openvino()
 
     core = ov.Core()
     core.set_property({"CACHE_DIR": str(entry / "compiled")})
     compiled = core.compile_model(str(entry / "model.xml"), "CPU", compile_options(precision, threads))
     tower = CompiledTower(compiled, effective_precision(compiled), entry, 0.0, built=False)
-    inputs, expected = probe
-    got = tower(*inputs)
-    cosine = float((got * expected).sum(axis=1).min()) if got.shape == expected.shape else -1.0
+    cosine = _probe_cosine(tower, _read_probe(entry / PROBE_FILE))
     if not np.isfinite(cosine) or cosine < PROBE_MIN_COSINE:
-        raise OpenVinoCacheError(f"{entry}: probe vectors disagree with the torch model (min cosine {cosine:.4f})")
+        raise OpenVinoCacheError(f"{entry}: the tower's probe vectors disagree with the stored ones "
+                                 f"(min cosine {cosine:.4f})")
     return tower
 
 
@@ -374,43 +406,45 @@ def forget_compiled() -> None:
         _compiled.clear()
 
 
-def load_tower(model: Any, tower: str, *, weights_id: str, precision: str, cache_dir: Path, threads: int,
-               preprocess: PreprocessConfig | None = None,
+def load_tower(load_model: Callable[[], Any], tower: str, *, weights_id: str, precision: str, cache_dir: Path,
+               threads: int, preprocess: PreprocessConfig | None = None,
                on_rebuild: Callable[[str], None] | None = None) -> CompiledTower:
-    """The compiled `tower` ("image" | "text") of `model` at `precision`: compiled once per
-    process, from the disk cache when a good entry exists, else converted now and cached;
-    a bad entry is rebuilt once. An unwritable cache directory costs speed, not the run.
-    The image tower takes uint8 crops normalised as `preprocess` says (required for it)."""
+    """The compiled `tower` ("image" | "text") of the CLIP model whose weights `weights_id`
+    names, at `precision`: compiled once per process, from the disk cache when a good entry
+    exists, else converted now from the torch `CLIPModel` that `load_model()` returns (called
+    only then) and cached; a bad entry is rebuilt once. An unwritable cache directory costs
+    speed, not the run. The image tower takes uint8 crops normalised as `preprocess` says
+    (required for it)."""
     key = cache_key(weights_id, tower, precision, tower_inputs(tower, preprocess))
     entry = Path(cache_dir) / key
     with _compiled_guard:
         ready = _compiled.get((str(entry), precision, threads))
         if ready is None:
             ready = _compiled[(str(entry), precision, threads)] = _load_tower(
-                model, tower, preprocess, key, entry, weights_id=weights_id, precision=precision,
+                load_model, tower, preprocess, key, entry, weights_id=weights_id, precision=precision,
                 threads=threads, on_rebuild=on_rebuild)
         return ready
 
 
-def _load_tower(model: Any, tower: str, preprocess: PreprocessConfig | None, key: str, entry: Path, *,
-                weights_id: str, precision: str, threads: int,
+def _load_tower(load_model: Callable[[], Any], tower: str, preprocess: PreprocessConfig | None, key: str,
+                entry: Path, *, weights_id: str, precision: str, threads: int,
                 on_rebuild: Callable[[str], None] | None) -> CompiledTower:
     started = time.perf_counter()
-    probe = _reference(model, tower, preprocess)
     built = False
     for attempt in range(2):
         if not entry.is_dir():
+            model = load_model()
             log.info("converting the CLIP %s tower to OpenVINO (%s); cached at %s", tower, precision, entry)
             try:
                 entry = _write_entry(model, tower, preprocess, key, entry.parent, precision, weights_id)
             except OSError as exc:
                 log.warning("cannot write the OpenVINO cache at %s (%s); converting in memory for this process "
                             "(set embedder.compiled_cache_dir to a writable folder)", entry.parent, exc)
-                return _compile_in_memory(model, tower, preprocess, precision, threads, probe, started)
+                return _compile_in_memory(model, tower, preprocess, precision, threads, started)
             built = True
         try:
             _check_entry(entry)
-            compiled = _compile_entry(entry, precision, threads, probe)
+            compiled = _compile_entry(entry, precision, threads)
             compiled.built, compiled.seconds = built, time.perf_counter() - started
             return compiled
         except Exception as exc:
