@@ -189,8 +189,9 @@ class AppearanceSettings(_Section):
     coarse_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     seed_margin: Fraction = 0.45
     # Box fit around a seed: a window grown by extent_reach (share of the shorter side) on
-    # each side; each axis is split at extent_steps even positions, then each edge is
-    # bisected once per further round, for extent_rounds rounds (one embedding batch each).
+    # each side; each axis is split at extent_steps even positions (both parts embedded),
+    # then each edge is bisected once per further round (one part embedded), for
+    # extent_rounds rounds (one embedding batch each).
     extent_reach: Fraction = 0.3
     # ...on a side where no neighbouring region beyond the seed scores like a seed, the seed
     # holds the object: the window grows by only edge_reach there.

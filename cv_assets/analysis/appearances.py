@@ -6,9 +6,10 @@ every reference asset's vector, in two stages:
 1. Find: the whole frame and a grid of square crops. Coarse to fine (the default): a
    coarse grid only; an asset whose best region comes near its threshold is a *seed*.
    Exhaustive: the full multi-scale grid.
-2. Fit: around each seed, a window is split along each axis at a few positions, and the
-   box's edges are where the part beyond a split stops holding the object while the
-   part within it holds all of it (see `_AxisProfile`); a few rounds refine the edges.
+2. Fit: around each seed, a window (tight on the sides the seed already holds) is split
+   along each axis at a few positions, and the box's edges are where the part beyond a
+   split stops holding the object while the part within it holds all of it (see
+   `_AxisProfile`); a few rounds bisect the edges, one crop per edge each.
    The box is the object's extent, not the tightest square crop that matched: a
    reference photo matches best when the crop meets the object's edges.
 
