@@ -203,6 +203,9 @@ class AppearanceSettings(_Section):
     # A crop whose pixels did not change since the previous sampled frame of its scene
     # (a fixed camera's background, a prop standing still) reuses that frame's vector.
     reuse_unchanged_regions: bool = True
+    # An asset found in the scene's frames searched before is fitted again at its last box
+    # while a region there still scores half the seed level (an object leaving the frame).
+    track_found: bool = True
     # A ground-truth match needs at least this IoU (precision/recall against ground truth).
     eval_iou: Fraction = 0.1
     # Similarity thresholds by embedder family; a CLIP threshold means nothing for

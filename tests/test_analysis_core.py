@@ -199,6 +199,23 @@ def test_later_fit_rounds_embed_one_part_per_edge(truth):
     assert iou(outcome.appearances[0].bbox, truth) >= 0.65
 
 
+def test_an_object_leaving_the_frame_is_followed_below_the_seed_level_and_a_gone_one_costs_nothing():
+    # Half cut by the frame's edge, the red object fills too little of any coarse crop to
+    # seed (best 0.23 < 0.35), but it was found in the scene's frame searched before.
+    whole, cut = (0, 150, 120, 300), (0, 150, 60, 300)
+    frames = [FrameInput(0, 0, 0.0, frame_with([(whole, RED)])), FrameInput(0, 24, 1.0, frame_with([(cut, RED)]))]
+    refs = [ReferenceAsset(1, "CHAR_01", unit(0))]
+    tracking, plain = RegionSearch(threshold=0.8), RegionSearch(threshold=0.8, track_found=False)
+    followed = match_frames(frames, refs, colour_embed, tracking, frames_per_batch=1)
+    assert [a.frame_index for a in followed.appearances] == [0, 24]
+    assert iou(followed.appearances[1].bbox, cut) >= 0.6
+    assert [a.frame_index for a in match_frames(frames, refs, colour_embed, plain, frames_per_batch=1).appearances] == [0]
+    # Where nothing of it is left, no fit is spent looking for it.
+    gone = [frames[0], FrameInput(0, 24, 1.0, frame_with([]))]
+    assert (match_frames(gone, refs, colour_embed, tracking, frames_per_batch=1).forwards
+            == match_frames(gone, refs, colour_embed, plain, frames_per_batch=1).forwards)
+
+
 def test_one_appearance_per_asset_and_frame_even_with_many_overlapping_hits():
     frames = [FrameInput(0, 0, 0.0, frame_with([((100, 50, 300, 300), RED)]))]
     found = match_frames(frames, [ReferenceAsset(1, "CHAR_01", unit(0))], colour_embed,

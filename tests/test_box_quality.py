@@ -7,10 +7,10 @@ scikit-image and matplotlib ship onto others and pans/zooms a camera over them, 
 frame's true box is known; references are the object photos themselves.
 
 Measured when this was written (benchmarks/quality.py --quick, micro over assets; both
-searches fit boxes alike and reuse crops unchanged since the previous frame): demo
-exhaustive P/R 1.00/1.00, mean IoU 0.56 at 137 forwards per frame; coarse to fine
-1.00/1.00, 0.59 at 33; real photos exhaustive 0.98/0.98, 0.58 at 221; coarse to fine
-0.98/0.94, 0.65 at 62.
+searches fit boxes alike, reuse crops unchanged since the previous frame and follow found
+assets): demo exhaustive P/R 1.00/1.00, mean IoU 0.56 at 137 forwards per frame; coarse to
+fine 1.00/1.00, 0.59 at 33; real photos exhaustive 0.98/0.98, 0.58 at 221; coarse to fine
+0.98/0.98, 0.64 at 63.
 """
 
 import pytest
@@ -77,11 +77,9 @@ def test_coarse_to_fine_meets_the_forwards_target_on_the_demo(results):
     assert results[("demo", True)].forwards_per_frame <= MAX_DEMO_FORWARDS
 
 
-def test_coarse_to_fine_recall(results):
-    fast, full = results[("demo", True)], results[("demo", False)]
-    assert fast.recall >= full.recall
-    # On the real photos the astronaut cut by the frame's left edge in two frames stays under
-    # the seed level in every coarse crop; the exhaustive grid's 90-px crops catch a sliver
-    # of it (box IoU 0.1-0.25). Measured 0.94 vs 0.98: one object more than this is a regression.
-    fast, full = results[("real", True)], results[("real", False)]
-    assert fast.recall >= max(MIN_PR, full.recall - 2 / 47), (fast.recall, full.recall)
+@pytest.mark.parametrize("name", ["demo", "real"])
+def test_coarse_to_fine_recall_is_no_worse_than_the_exhaustive_grid(results, name):
+    # On the real photos this needs tracking: the astronaut leaving the frame's left edge in
+    # two frames stays under the seed level in every coarse crop (0.94 vs 0.98 without).
+    fast, full = results[(name, True)], results[(name, False)]
+    assert fast.recall >= full.recall, (fast.recall, full.recall)

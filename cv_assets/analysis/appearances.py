@@ -18,7 +18,10 @@ one appearance per asset and frame. `MatchOutcome.forwards` counts every crop em
 
 A crop whose pixels did not change since the previous sampled frame of its scene (a fixed
 camera's background, a prop standing still) takes that frame's vector instead of being
-embedded again (`RegionSearch.reuse_unchanged`, see `unchanged`).
+embedded again (`RegionSearch.reuse_unchanged`, see `unchanged`). An asset found in the
+scene's frames searched before is looked for again at its last box while a region there
+still hints at it, even under the seed level (`RegionSearch.track_found`): an object
+leaving the frame, half cut by its edge, is still followed.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class RegionSearch:
     extent_rounds: int = 3
     tie_margin: float = 0.03
     reuse_unchanged: bool = True
+    track_found: bool = True
 
 
 # A crop is unchanged when its pixels moved by at most UNCHANGED_MEAN_DIFF grey levels on
@@ -233,6 +237,26 @@ def _window(state: _FrameRegions, seed: Box, assets: Sequence[int], search: Regi
     short = min(width, height)
     d = [int(round((search.extent_reach if on else search.edge_reach) * short)) for on in goes_on]
     return max(0, seed[0] - d[0]), max(0, seed[1] - d[1]), min(width, seed[2] + d[2]), min(height, seed[3] + d[3])
+
+
+# A tracked asset is fitted again while a region over its last box scores at least this
+# share of the seed level (where it has gone, nothing of it scores at all).
+TRACK_HINT = 0.5
+
+
+def _tracked_seeds(state: _FrameRegions, last_found: dict[int, Box], seeded, search: RegionSearch) -> dict:
+    """asset -> (its last box, score 0) for each asset found in the scene's frames searched
+    before that is not seeded here but still hinted at: a region overlapping the last box
+    (not the whole frame) scores at least TRACK_HINT of the seed level. Score 0: only the
+    fitted box can make it appear."""
+    height, width = state.frame.image.shape[:2]
+    floor = TRACK_HINT * (search.threshold - search.seed_margin)
+    tracked = {}
+    for k, box in last_found.items():
+        hints = [row[k] for b, row in zip(state.boxes, state.scores) if iou(b, box) > 0 and b != (0, 0, width, height)]
+        if k not in seeded and max(hints, default=0.0) >= floor:
+            tracked[k] = (box, 0.0)
+    return tracked
 
 
 def _beside(box: Box, seed: Box) -> bool:
@@ -350,12 +374,16 @@ def _seed(state: _FrameRegions, k: int, search: RegionSearch) -> tuple[Box, floa
     return min(close, key=area), best[1]
 
 
-def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSearch, embed_images, ref_matrix) -> list:
-    """Fit each seeded asset's box to the object (see `_AxisProfile`), both axes at once,
-    one embedding round per refinement. Returns [(frame, asset, box, seed score)]."""
+def fit_boxes(states: Sequence[_FrameRegions], n_assets: int, search: RegionSearch, embed_images, ref_matrix,
+              last_found: Sequence[dict[int, Box]] = ()) -> list:
+    """Fit each seeded (or tracked: `last_found[f]`, asset -> box) asset's box to the object
+    (see `_AxisProfile`), both axes at once, one embedding round per refinement. Returns
+    [(frame, asset, box, seed score)]."""
     fits = []
     for f, state in enumerate(states):
         seeds = {k: seeded for k in range(n_assets) if (seeded := _seed(state, k, search)) is not None}
+        if f < len(last_found):
+            seeds.update(_tracked_seeds(state, last_found[f], seeds, search))
         by_seed: dict[Box, list[int]] = {}
         for k, (seed, _) in seeds.items():
             by_seed.setdefault(seed, []).append(k)
@@ -424,16 +452,22 @@ def match_frames(
     found: list[Appearance] = []
     forwards = reused = 0
     last_of_scene: dict[int, _FrameRegions] = {}
+    found_in_scene: dict[int, dict[int, Box]] = {}  # scene -> asset -> box, in its last frame searched
     for start in range(0, len(frames), frames_per_batch):
         states = []
         for frame in frames[start : start + frames_per_batch]:
             states.append(_FrameRegions(frame, last_of_scene.get(frame.scene_index) if search.reuse_unchanged else None))
             last_of_scene[frame.scene_index] = states[-1]
+        last_found = [found_in_scene.get(s.frame.scene_index, {}) if search.track_found else {} for s in states]
         _search_regions(states, search, embed_images, ref_matrix)
-        for f, k, box, seed_score in fit_boxes(states, len(references), search, embed_images, ref_matrix):
+        here: list[dict[int, Box]] = [{} for _ in states]
+        for f, k, box, seed_score in fit_boxes(states, len(references), search, embed_images, ref_matrix, last_found):
             confidence = max(seed_score, states[f].score_of(box, k))
             if confidence >= search.threshold:
                 found.append(_appearance(states[f], references[k], box, confidence))
+                here[f][k] = box
+        for state, boxes in zip(states, here):
+            found_in_scene[state.frame.scene_index] = boxes
         for state in states:
             forwards, reused = forwards + state.embedded, reused + state.reused
             state.previous = None  # only the last frame of each scene stays alive

@@ -223,7 +223,8 @@ def region_search(appearances: AppearanceSettings, threshold: float) -> RegionSe
         coarse_overlap=appearances.coarse_overlap, seed_margin=appearances.seed_margin,
         extent_reach=appearances.extent_reach, edge_reach=appearances.edge_reach, extent_steps=appearances.extent_steps,
         extent_rounds=appearances.extent_rounds,
-        tie_margin=appearances.tie_margin, reuse_unchanged=appearances.reuse_unchanged_regions)
+        tie_margin=appearances.tie_margin, reuse_unchanged=appearances.reuse_unchanged_regions,
+        track_found=appearances.track_found)
 
 
 def build_sources(
