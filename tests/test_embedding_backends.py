@@ -285,6 +285,34 @@ def test_openvino_cache_key_covers_weights_and_precision(tiny_clip_dir, tiny_cli
     assert len(names) == 3 and sum(name.startswith("image-bf16-") for name in names) == 1
 
 
+def test_writing_an_entry_prunes_the_entries_no_build_can_read(tiny_clip_dir, tiny_clip_dir_b, tmp_path):
+    import os
+    import time
+
+    forget_compiled()
+    cache = tmp_path / "ov-cache"
+    _openvino(tiny_clip_dir, cache).ensure_ready()
+    [current] = _entries(cache)
+    manifest = json.loads((current / "manifest.json").read_text())
+
+    def fake_entry(name: str, **changes) -> None:
+        (cache / name).mkdir()
+        (cache / name / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+
+    fake_entry("image-fp32-oldformat", format=manifest["format"] - 1)
+    fake_entry("image-fp32-oldopenvino", openvino="2023.0.0")
+    (cache / "image-fp32-unreadable").mkdir()  # rebuilt by its own key's lookup, not pruned
+    for staging, age_sec in ((".image-fp32-dead.tmp", 3 * 86400), (".image-fp32-running.tmp", 10)):
+        (cache / staging).mkdir()
+        os.utime(cache / staging, (time.time() - age_sec,) * 2)
+
+    _openvino(tiny_clip_dir_b, cache).ensure_ready()  # writes an entry: the dead ones go
+    left = {path.name for path in cache.iterdir()}
+    assert {"image-fp32-oldformat", "image-fp32-oldopenvino", ".image-fp32-dead.tmp"}.isdisjoint(left)
+    assert {current.name, "image-fp32-unreadable", ".image-fp32-running.tmp"} <= left
+    assert len(_entries(cache)) == 3  # the current entry, the new one, the unreadable one
+
+
 def test_in_memory_models_are_keyed_by_their_tensors(tiny_clip_dir, tmp_path):
     from transformers import CLIPModel
 

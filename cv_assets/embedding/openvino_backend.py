@@ -23,6 +23,10 @@ is written to a temporary folder and renamed into place, so a process that dies
 half-way, or two processes converting at once, never leave a broken entry. Since the
 probe's vectors are stored with the entry, a good entry is loaded and checked without
 the torch model: that is loaded only to convert (a miss or a rebuild).
+
+An entry is a few hundred MB, and one written by an older cache format or OpenVINO
+release is never read again: whenever an entry is written, those (and staging folders a
+dead process left over a day ago) are deleted (`prune_dead_entries`).
 """
 
 from __future__ import annotations
@@ -347,6 +351,34 @@ def _write_entry(model: Any, tower: str, preprocess: PreprocessConfig | None, ke
         raise
 
 
+# A staging folder this old belongs to no running conversion (one takes ~30 s).
+STALE_STAGING_SEC = 24 * 3600
+
+
+def prune_dead_entries(cache_dir: Path) -> list[str]:
+    """Delete the entries under `cache_dir` that this build can never read (another cache
+    format or OpenVINO version in their manifest) and old staging folders; returns their
+    names. Entries for other weights or precisions stay: another configuration may use them."""
+    removed = []
+    for path in cache_dir.iterdir() if cache_dir.is_dir() else ():
+        if not path.is_dir():
+            continue
+        if path.name.startswith("."):
+            dead = time.time() - path.stat().st_mtime > STALE_STAGING_SEC
+        else:
+            try:
+                manifest = json.loads((path / "manifest.json").read_text())
+            except (OSError, ValueError):
+                continue  # unreadable: rebuilt by whoever looks it up by its key
+            dead = manifest.get("format") != CACHE_FORMAT or manifest.get("openvino") != openvino_version()
+        if dead:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        log.info("removed %d OpenVINO cache entries no longer readable from %s", len(removed), cache_dir)
+    return removed
+
+
 def _check_entry(entry: Path) -> None:
     manifest_path = entry / "manifest.json"
     try:
@@ -442,6 +474,7 @@ def _load_tower(load_model: Callable[[], Any], tower: str, preprocess: Preproces
                             "(set embedder.compiled_cache_dir to a writable folder)", entry.parent, exc)
                 return _compile_in_memory(model, tower, preprocess, precision, threads, started)
             built = True
+            prune_dead_entries(entry.parent)
         try:
             _check_entry(entry)
             compiled = _compile_entry(entry, precision, threads)
