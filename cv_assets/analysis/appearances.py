@@ -125,6 +125,11 @@ class RegionSearch:
     reuse_unchanged: bool = True
     track_found: bool = True
 
+    @property
+    def seed_level(self) -> float:
+        """A region scoring this much for an asset may hold it: it seeds a box fit."""
+        return self.threshold - self.seed_margin
+
 
 # A crop is unchanged when its pixels moved by at most UNCHANGED_MEAN_DIFF grey levels on
 # average and no more than UNCHANGED_MAX_SHARE of them by over UNCHANGED_PIXEL_DIFF (codec
@@ -228,7 +233,7 @@ def _window(state: _FrameRegions, seed: Box, assets: Sequence[int], search: Regi
     only `edge_reach` (the seed holds that side). A tight window leaves other objects out of
     the fit's parts. Assets seeded at one region share the window, so their fits share crops."""
     height, width = state.frame.image.shape[:2]
-    floor = search.threshold - search.seed_margin
+    floor = search.seed_level
     goes_on = [False] * 4  # past x1, y1, x2, y2
     for box, row in zip(state.boxes, state.scores):
         if _beside(box, seed) and max(row[k] for k in assets) >= floor:
@@ -250,7 +255,7 @@ def _tracked_seeds(state: _FrameRegions, last_found: dict[int, Box], seeded, sea
     (not the whole frame) scores at least TRACK_HINT of the seed level. Score 0: only the
     fitted box can make it appear."""
     height, width = state.frame.image.shape[:2]
-    floor = TRACK_HINT * (search.threshold - search.seed_margin)
+    floor = TRACK_HINT * search.seed_level
     tracked = {}
     for k, box in last_found.items():
         hints = [row[k] for b, row in zip(state.boxes, state.scores) if iou(b, box) > 0 and b != (0, 0, width, height)]
@@ -335,13 +340,8 @@ class _AxisProfile:
 def _interpolate(values: dict[int, float], position: int, borders: dict[int, float]) -> float:
     """Linear between the nearest known positions on either side (an empty part at the
     window's border scores 0); the one known side where the other is unknown."""
-    known = {**borders, **values}
-    below = max((p for p in known if p < position), default=None)
-    above = min((p for p in known if p > position), default=None)
-    if below is None or above is None:
-        return known[above if below is None else below]
-    t = (position - below) / (above - below)
-    return known[below] + t * (known[above] - known[below])
+    known = sorted({**borders, **values}.items())
+    return float(np.interp(position, [p for p, _ in known], [v for _, v in known]))
 
 
 def _inner_positions(lo: int, hi: int, steps: int) -> list[int]:
@@ -368,7 +368,7 @@ def _seed(state: _FrameRegions, k: int, search: RegionSearch) -> tuple[Box, floa
     the best score (a large crop of mostly neutral background can score as high as a
     tight one), when the best comes within `seed_margin` of the threshold."""
     best = _best(state, k)
-    if best is None or best[1] < search.threshold - search.seed_margin:
+    if best is None or best[1] < search.seed_level:
         return None
     close = [b for b, row in zip(state.boxes, state.scores) if row[k] >= best[1] - search.tie_margin]
     return min(close, key=area), best[1]
