@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch
+from cv_assets.embedding.preprocess import PreprocessConfig, normalise_batch, pixel_mean_and_scale
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +113,6 @@ def tower_inputs(tower: str, preprocess: PreprocessConfig | None) -> dict[str, A
         return {"input_ids": "i64 (N, L)", "attention_mask": "i64 (N, L)"}
     mean, scale = pixel_mean_and_scale(preprocess)
     return {"pixels": "u8 (N, H, W, 3) RGB", "mean": mean, "scale": scale}
-
-
-def pixel_mean_and_scale(preprocess: PreprocessConfig) -> tuple[list[float], list[float]]:
-    """Per-channel (mean, scale) in uint8 units: normalised = (value - mean) / scale, which is
-    (value * rescale_factor - image_mean) / image_std."""
-    factor = preprocess.rescale_factor
-    return [m / factor for m in preprocess.mean], [s / factor for s in preprocess.std]
 
 
 def cache_key(weights_id: str, tower: str, precision: str, inputs: dict[str, Any]) -> str:

@@ -112,9 +112,17 @@ def center_crop(image: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return center_crop(padded, crop_h, crop_w)
 
 
+def pixel_mean_and_scale(config: PreprocessConfig) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, scale) in uint8 units: normalised = (value - mean) / scale, which is
+    (value * rescale_factor - image_mean) / image_std."""
+    factor = config.rescale_factor
+    return [m / factor for m in config.mean], [s / factor for s in config.std]
+
+
 def mean_colour(config: PreprocessConfig) -> np.ndarray:
     """The uint8 RGB colour that normalises to (about) zero: the model's "nothing here"."""
-    return np.clip(np.round(np.asarray(config.mean) / config.rescale_factor), 0, 255).astype(np.uint8)
+    mean, _ = pixel_mean_and_scale(config)
+    return np.clip(np.round(mean), 0, 255).astype(np.uint8)
 
 
 def pad_to_square(image: np.ndarray, fill: np.ndarray) -> np.ndarray:
