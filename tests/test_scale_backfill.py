@@ -62,7 +62,11 @@ def wait_for(path: Path, proc: subprocess.Popen) -> None:
 def test_concurrent_workers_embed_each_event_exactly_once(postgres_url, tmp_path):
     db = AppDatabase(postgres_url)
     ids = colour_events(db, [COLOURS[i % 4] for i in range(120)], noise=0)
-    workers = {f"w{i}": start_worker(postgres_url, tmp_path, f"w{i}") for i in range(4)}
+    go = tmp_path / "go"
+    workers = {f"w{i}": start_worker(postgres_url, tmp_path, f"w{i}", "--start-when", str(go)) for i in range(4)}
+    for name, proc in workers.items():  # a fast-starting worker must not drain the queue alone
+        wait_for(tmp_path / f"{name}.log.ready", proc)
+    go.touch()
     for proc in workers.values():
         finish(proc)
     per_worker = {name: logged(tmp_path, name) for name in workers}
